@@ -1,0 +1,105 @@
+"""The `edge-agent` command line: detect, doctor, bench (the daemon's `run` joins later).
+
+Errors of ours print one line and exit 1; usage errors exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from runtimes.errors import EdgeAgentError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="edge-agent", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    detect = sub.add_parser(
+        "detect", help="detect objects in images, videos and directories (JSON lines out)"
+    )
+    detect.add_argument(
+        "model", help="model package dir, model.json, model file, or bundled name (yolox-nano)"
+    )
+    detect.add_argument("inputs", nargs="+", help="image files, video files or directories")
+    detect.add_argument("--conf", type=float, default=0.25, help="score threshold (0.25)")
+    detect.add_argument("--nms", type=float, default=0.45, help="NMS IoU threshold (0.45)")
+    detect.add_argument("--runtime", choices=["tflite", "onnx"], help="override the runtime")
+    detect.add_argument("--threads", type=int, help="inference threads")
+    detect.add_argument("--save", type=Path, help="write annotated images/videos here")
+    detect.add_argument("--max-frames", type=int, help="stop each video after N frames")
+
+    doctor = sub.add_parser(
+        "doctor", help="what this device offers: runtimes, providers, delegates"
+    )
+    doctor.add_argument("--json", action="store_true", help="machine-readable output")
+
+    bench = sub.add_parser("bench", help="benchmarks")
+    bench_sub = bench.add_subparsers(dest="bench_command", required=True)
+    bdet = bench_sub.add_parser("detect", help="raw runtime call vs the full detect path")
+    bdet.add_argument("models", nargs="*", help="models (default: every bundled one)")
+    bdet.add_argument("--runs", type=int, default=100, help="timed runs per model (100)")
+    bdet.add_argument("--warmup", type=int, default=10, help="untimed runs first (10)")
+    bdet.add_argument("--threads", type=int, help="inference threads")
+    bdet.add_argument("--image", type=Path, help="frame to use (default: demo clip frame)")
+    bdet.add_argument("--json", action="store_true", help="machine-readable output")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        if args.command == "detect":
+            from agent.detect import run_detect
+
+            if not 0.0 <= args.conf <= 1.0 or not 0.0 <= args.nms <= 1.0:
+                print("error: --conf and --nms must be between 0 and 1", file=sys.stderr)
+                return 2
+            return run_detect(
+                args.model,
+                args.inputs,
+                args.conf,
+                args.nms,
+                args.runtime,
+                args.threads,
+                args.save,
+                args.max_frames,
+            )
+        if args.command == "doctor":
+            from agent.doctor import run_doctor
+
+            return run_doctor(args.json, sys.stdout)
+        if args.command == "bench" and args.bench_command == "detect":
+            from agent.bench import run_bench_detect
+
+            if args.runs < 1:
+                print("error: --runs must be at least 1", file=sys.stderr)
+                return 2
+            return run_bench_detect(
+                args.models,
+                args.runs,
+                args.warmup,
+                args.threads,
+                args.image,
+                args.json,
+                sys.stdout,
+                sys.stderr,
+            )
+    except EdgeAgentError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Model families (YOLOX today), the model package format and the bundled models."""

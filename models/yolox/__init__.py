@@ -1,0 +1,1 @@
+"""YOLOX: letterbox preprocess, head decode + NMS, and the detector that joins them."""

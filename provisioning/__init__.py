@@ -1,0 +1,1 @@
+"""Device identity and enrolment (keys, CSR, certificates, claim tokens); not built yet."""

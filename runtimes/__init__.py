@@ -1,0 +1,1 @@
+"""Model runtimes: one `Runtime` interface and its TFLite and ONNX Runtime backends."""
