@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -13,6 +14,7 @@ from onnx import TensorProto, helper
 
 from agent.media import read_image
 from models.yolox.detector import YoloxDetector
+from models.yolox.postprocess import Detections
 from models.zoo import SAMPLES_DIR
 from tests.conftest import PACKAGES, model_file
 
@@ -35,13 +37,13 @@ def wrap_input(tmp_path: Path, name: str, shape: list[int], elem: int, nodes: li
     return path
 
 
-def rows(d) -> np.ndarray:  # type: ignore[no-untyped-def]
+def rows(d: Detections) -> np.ndarray:
     table = np.column_stack([d.boxes, d.scores, d.class_ids.astype(np.float32)])
     keys = [np.round(table[:, i], 1) for i in (3, 2, 1, 0)] + [table[:, 5]]
     return table[np.lexsort(keys)]
 
 
-def same(a, b) -> None:  # type: ignore[no-untyped-def]
+def same(a: Detections, b: Detections) -> None:
     """Same detections, in an order that does not depend on how score ties fall."""
     assert len(a) == len(b) and len(a) > 0
     ra, rb = rows(a), rows(b)
@@ -109,7 +111,7 @@ def test_decode_in_graph_matches_host_decode(tmp_path: Path) -> None:
     from models.scripts.yolox_arch import build_nano
 
     torch.manual_seed(0)
-    model = build_nano(6).eval()
+    model: Any = build_nano(6).eval()
     x = torch.zeros(1, 3, 416, 416)
     paths = {}
     for decode in (False, True):
