@@ -1,4 +1,4 @@
-"""The `edge-agent` command line: detect, doctor, bench (the daemon's `run` joins later).
+"""The `edge-agent` command line: run (the daemon), detect, doctor, bench.
 
 Errors of ours print one line and exit 1; usage errors exit 2.
 """
@@ -10,7 +10,10 @@ import logging
 import sys
 from pathlib import Path
 
-from runtimes.errors import EdgeAgentError
+from runtimes.errors import ConfigError, EdgeAgentError
+
+# EX_CONFIG: the unit's RestartPreventExitStatus keeps systemd from retrying a bad config.
+EXIT_CONFIG = 78
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,6 +34,14 @@ def build_parser() -> argparse.ArgumentParser:
     detect.add_argument("--threads", type=int, help="inference threads")
     detect.add_argument("--save", type=Path, help="write annotated images/videos here")
     detect.add_argument("--max-frames", type=int, help="stop each video after N frames")
+
+    run = sub.add_parser("run", help="run the agent daemon (what the systemd unit starts)")
+    run.add_argument(
+        "--config",
+        type=Path,
+        default=Path("/etc/edge-agent/agent.toml"),
+        help="agent.toml (default /etc/edge-agent/agent.toml)",
+    )
 
     doctor = sub.add_parser(
         "doctor", help="what this device offers: runtimes, providers, delegates"
@@ -73,6 +84,10 @@ def main(argv: list[str] | None = None) -> int:
                 args.save,
                 args.max_frames,
             )
+        if args.command == "run":
+            from agent.daemon import run_agent
+
+            return run_agent(args.config)
         if args.command == "doctor":
             from agent.doctor import run_doctor
 
@@ -93,6 +108,9 @@ def main(argv: list[str] | None = None) -> int:
                 sys.stdout,
                 sys.stderr,
             )
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
     except EdgeAgentError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -352,6 +352,40 @@ class PipelineConfig(_Section):
     snapshot: bool = Field(
         default=False, description="Attach a JPEG snapshot of the frame to events."
     )
+    zones: list[list[tuple[float, float]]] | None = Field(
+        default=None,
+        description="Only report boxes whose bottom centre lies in one of these polygons "
+        "(x, y pairs normalised to the frame, 0..1); None: the whole frame.",
+    )
+    loop: bool = Field(default=True, description="Video files: start again at the end.")
+    realtime: bool = Field(
+        default=True, description="Video files: read at the file's frame rate, not flat out."
+    )
+    reopen_min_s: float = Field(
+        default=0.5, gt=0, le=600, description="First delay before reopening a failed source."
+    )
+    reopen_max_s: float = Field(
+        default=30.0, gt=0, le=3600, description="Longest delay between reopen attempts."
+    )
+    hang_limit_s: float = Field(
+        default=10.0,
+        gt=0,
+        le=3600,
+        description="A frame in the detector longer than this is a hang: reported, and the "
+        "systemd watchdog is no longer fed.",
+    )
+
+    @field_validator("zones")
+    @classmethod
+    def _zones_are_polygons(
+        cls, value: list[list[tuple[float, float]]] | None
+    ) -> list[list[tuple[float, float]]] | None:
+        for zone in value or []:
+            if len(zone) < 3:
+                raise ValueError("a zone needs at least 3 points")
+            if any(not (0.0 <= c <= 1.0) for point in zone for c in point):
+                raise ValueError("zone coordinates are fractions of the frame, 0..1")
+        return value
 
     @field_validator("classes")
     @classmethod
@@ -359,6 +393,20 @@ class PipelineConfig(_Section):
         if value is not None and len(set(value)) != len(value):
             raise ValueError("class names repeat")
         return value
+
+
+class MetricsConfig(_Section):
+    """[metrics]: an optional Prometheus endpoint (off by default, loopback only)."""
+
+    enabled: bool = Field(default=False, description="Serve /metrics for Prometheus.")
+    host: str = Field(
+        default="127.0.0.1", description="Address to bind; loopback unless allow_remote."
+    )
+    port: int = Field(default=9108, ge=0, le=65535, description="TCP port (0: any free one).")
+    allow_remote: bool = Field(
+        default=False,
+        description="Allow binding a non-loopback address (the data is unauthenticated).",
+    )
 
 
 class AgentConfig(_Section):
@@ -371,6 +419,9 @@ class AgentConfig(_Section):
     )
     telemetry: TelemetryConfig = Field(
         default=TelemetryConfig(), description="[telemetry]: health reports."
+    )
+    metrics: MetricsConfig = Field(
+        default=MetricsConfig(), description="[metrics]: optional Prometheus endpoint."
     )
     pipelines: list[PipelineConfig] = Field(
         default_factory=list, description="[[pipelines]]: detection pipelines, one per source."

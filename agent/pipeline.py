@@ -148,6 +148,22 @@ class DetectionPipeline:
         with self._swap_lock:
             self._pending = (detector, label)
 
+    def update(
+        self,
+        conf: float,
+        nms: float,
+        filters: DetectionFilter,
+        event_mode: str,
+        rate_s: float,
+        snapshot: bool,
+    ) -> None:
+        """Apply new thresholds, filters and event settings from the next frame on."""
+        self._detector.conf, self._detector.nms = conf, nms
+        self.filters = filters
+        if (event_mode, rate_s) != (self.policy.mode, self.policy.rate_s):
+            self.policy = EventPolicy(event_mode, rate_s)
+        self.snapshot = snapshot
+
     def hung(self, now: float | None = None) -> bool:
         """True when one frame has been in the detector longer than the hang limit."""
         started = self.busy_since
@@ -232,8 +248,8 @@ class DetectionPipeline:
         for cid in dets.class_ids:
             counts[names[int(cid)]] = counts.get(names[int(cid)], 0) + 1
         if self.policy.due(counts, time.monotonic()):
-            self.emit(self.name, self._event(frame, dets, counts, names))
             self.events += 1
+            self.emit(self.name, self._event(frame, dets, counts, names))
 
     def _event(
         self, frame: Frame, dets: Detections, counts: dict[str, int], names: Sequence[str]
@@ -241,6 +257,7 @@ class DetectionPipeline:
         event: dict[str, Any] = {
             "id": uuid.uuid4().hex,
             "pipeline": self.name,
+            "pipeline_seq": self.events,
             "ts": round(frame.timestamp, 3),
             "frame": frame.index,
             "model": self._label,
