@@ -31,7 +31,7 @@ test: setup-build
 lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/mypy agent runtimes models provisioning fleet tests
+	$(VENV)/bin/mypy agent runtimes models provisioning fleet tests bench
 
 format: setup
 	$(VENV)/bin/ruff format .

@@ -47,6 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
         "doctor", help="what this device offers: runtimes, providers, delegates"
     )
     doctor.add_argument("--json", action="store_true", help="machine-readable output")
+    doctor.add_argument(
+        "--config", type=Path, help="agent.toml: also check the broker (TCP, TLS, MQTT)"
+    )
+    doctor.add_argument("--timeout", type=float, default=2.0, help="seconds per network step (2)")
 
     bench = sub.add_parser("bench", help="benchmarks")
     bench_sub = bench.add_subparsers(dest="bench_command", required=True)
@@ -91,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "doctor":
             from agent.doctor import run_doctor
 
-            return run_doctor(args.json, sys.stdout)
+            return run_doctor(args.json, sys.stdout, config=args.config, timeout=args.timeout)
         if args.command == "bench" and args.bench_command == "detect":
             from agent.bench import run_bench_detect
 

@@ -76,10 +76,11 @@ class CommandRouter:
         return not self._thread.is_alive()
 
     def reply_topic_for(self, message: InboundMessage, name: str) -> str:
-        """The response topic if it lies in this device's namespace, else reply/<name>."""
+        """The response topic if it lies under edge/<id>/reply/ (all the broker's ACL lets a
+        device write replies to), else edge/<id>/reply/<name>."""
         own = f"edge/{self.device_id}/"
         wanted = message.response_topic
-        if wanted and wanted.startswith(own) and "#" not in wanted and "+" not in wanted:
+        if wanted and wanted.startswith(own + "reply/") and "#" not in wanted and "+" not in wanted:
             return wanted
         return f"{own}reply/{name}"
 

@@ -6,6 +6,7 @@ stop() and start() on the same port keep retained messages and sessions, like a 
 
 from __future__ import annotations
 
+import contextlib
 import getpass
 import json
 import os
@@ -13,6 +14,7 @@ import queue
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import threading
 import time
@@ -393,3 +395,209 @@ def make_pki(workdir: Path, device_cn: str) -> Pki:
         client_key=workdir / "client.key",
         other_ca=workdir / "other-ca.pem",
     )
+
+
+class CertAuthority:
+    """A throw-away openssl CA directory (index.txt, serial, crlnumber, newcerts/) that
+    issues server and client certificates, revokes them and publishes a CRL.
+
+    Unlike `make_pki` every certificate goes through `openssl ca`, so the CA knows it and
+    a revocation lands in the CRL; `expired=True` issues one whose validity lies in 2020.
+    """
+
+    def __init__(self, workdir: Path, name: str = "ca", days: int = 30) -> None:
+        openssl = shutil.which("openssl")
+        if openssl is None:
+            raise RuntimeError("the TLS tests need the openssl command (apt-get install openssl)")
+        self.openssl = openssl
+        self.dir = workdir
+        (workdir / "newcerts").mkdir(parents=True, exist_ok=True)
+        (workdir / "index.txt").write_text("")
+        (workdir / "serial").write_text("1000\n")
+        (workdir / "crlnumber").write_text("1000\n")
+        self.cert = workdir / f"{name}.pem"
+        self.key = workdir / f"{name}.key"
+        self.conf = workdir / "ca.cnf"
+        self.conf.write_text(
+            "[ ca ]\ndefault_ca = edge_ca\n\n"
+            "[ edge_ca ]\n"
+            f"dir = {workdir}\n"
+            "database = $dir/index.txt\nnew_certs_dir = $dir/newcerts\n"
+            f"certificate = $dir/{name}.pem\nprivate_key = $dir/{name}.key\n"
+            "serial = $dir/serial\ncrlnumber = $dir/crlnumber\n"
+            f"default_md = sha256\ndefault_days = {days}\ndefault_crl_days = {days}\n"
+            "policy = policy_cn\nunique_subject = no\ncopy_extensions = none\n\n"
+            "[ policy_cn ]\ncommonName = supplied\n\n"
+            "[ server_ext ]\nbasicConstraints = CA:FALSE\n"
+            "keyUsage = critical,digitalSignature\nextendedKeyUsage = serverAuth\n"
+            "subjectAltName = IP:127.0.0.1,DNS:localhost\n"
+            "subjectKeyIdentifier = hash\nauthorityKeyIdentifier = keyid\n\n"
+            "[ client_ext ]\nbasicConstraints = CA:FALSE\n"
+            "keyUsage = critical,digitalSignature\nextendedKeyUsage = clientAuth\n"
+            "subjectKeyIdentifier = hash\nauthorityKeyIdentifier = keyid\n"
+        )
+        self._run(
+            "req", "-x509", *self._newkey, "-keyout", str(self.key), "-out", str(self.cert),
+            "-days", str(days), "-subj", f"/CN={name}",
+            "-addext", "basicConstraints=critical,CA:TRUE",
+            "-addext", "keyUsage=critical,keyCertSign,cRLSign",
+        )  # fmt: skip
+
+    _newkey = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes")
+
+    def _run(self, *args: str) -> None:
+        proc = subprocess.run([self.openssl, *args], capture_output=True, text=True, cwd=self.dir)
+        if proc.returncode != 0:
+            raise RuntimeError(f"openssl {args[0]} failed: {proc.stderr.strip()}")
+
+    def issue(
+        self, name: str, cn: str, *, server: bool = False, days: int = 30, expired: bool = False
+    ) -> tuple[Path, Path]:
+        """(cert, key) for CN=cn; a server certificate is valid for 127.0.0.1 and localhost."""
+        cert, key, csr = (self.dir / f"{name}{ext}" for ext in (".pem", ".key", ".csr"))
+        self._run("req", *self._newkey, "-keyout", str(key), "-out", str(csr), "-subj", f"/CN={cn}")
+        validity = (
+            ["-startdate", "20200101000000Z", "-enddate", "20200102000000Z"]
+            if expired
+            else ["-days", str(days)]
+        )
+        self._run(
+            "ca", "-batch", "-notext", "-config", str(self.conf), "-extensions",
+            "server_ext" if server else "client_ext", *validity, "-in", str(csr), "-out", str(cert),
+        )  # fmt: skip
+        return cert, key
+
+    def revoke(self, cert: Path) -> None:
+        self._run("ca", "-config", str(self.conf), "-revoke", str(cert))
+
+    def crl(self, path: Path | None = None) -> Path:
+        """Write the current CRL (PEM) and return its path."""
+        out = path or self.dir / "crl.pem"
+        self._run("ca", "-config", str(self.conf), "-gencrl", "-out", str(out))
+        return out
+
+
+class ConfigBroker(Broker):
+    """A `Broker` whose mosquitto.conf comes from `render(broker)` (for instance the
+    production config with its paths and port rewritten for the test)."""
+
+    def __init__(self, workdir: Path, render: Callable[[Broker], str]) -> None:
+        self._render = render
+        super().__init__(workdir)
+
+    def _write_config(self) -> None:
+        self.conf_path.write_text(self._render(self))
+
+
+class _ClosingSSLSocket(ssl.SSLSocket):
+    """Closes itself when the handshake fails: paho drops such a socket without closing it."""
+
+    def do_handshake(self, block: bool = False) -> None:
+        try:
+            super().do_handshake(block)
+        except BaseException:
+            self.close()
+            raise
+
+
+class MtlsClient:
+    """A paho MQTT 5 client that presents a client certificate (or none) to a TLS broker
+    and records CONNACK, SUBACK and PUBACK reason codes and the messages it gets."""
+
+    def __init__(
+        self,
+        broker: Broker,
+        *,
+        ca: Path,
+        cert: Path | None,
+        key: Path | None,
+        client_id: str,
+    ) -> None:
+        self.broker = broker
+        self.messages: queue.Queue[Received] = queue.Queue()
+        self.connack: int | None = None
+        self._subacks: queue.Queue[list[int]] = queue.Queue()
+        self._pubacks: dict[int, int] = {}
+        self._published = threading.Condition()
+        context = ssl.create_default_context(cafile=str(ca))
+        if cert is not None:
+            context.load_cert_chain(str(cert), str(key) if key else None)
+        context.sslsocket_class = _ClosingSSLSocket
+        self._client = paho.Client(
+            CallbackAPIVersion.VERSION2, client_id=client_id, protocol=MQTTProtocolVersion.MQTTv5
+        )
+        self._client.tls_set_context(context)
+        self._client.on_connect = self._on_connect
+        self._client.on_subscribe = self._on_subscribe
+        self._client.on_publish = self._on_publish
+        self._client.on_message = self._on_message
+        self._started = False
+
+    def connect(self, timeout: float = 3.0) -> str | None:
+        """None when the broker accepted the client (CONNACK success), else why not."""
+        try:
+            self._client.connect(self.broker.host, self.broker.port, keepalive=10)
+        except (ssl.SSLError, OSError) as exc:
+            return f"handshake failed: {exc}"
+        deadline = time.monotonic() + timeout
+        while self.connack is None and time.monotonic() < deadline:
+            rc = self._client.loop(0.05)
+            if rc != paho.MQTT_ERR_SUCCESS:
+                return f"connection closed before CONNACK: {paho.error_string(rc)}"
+        if self.connack is None:
+            return f"no CONNACK within {timeout}s"
+        if self.connack != 0:
+            return f"CONNACK reason {self.connack:#x}"
+        self._client._reset_sockets(sockpair_only=True)  # loop_start makes a new pair
+        self._client.loop_start()
+        self._started = True
+        return None
+
+    def _on_connect(self, _c: paho.Client, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
+        self.connack = int(reason.value)
+
+    def _on_subscribe(self, _c: paho.Client, _u: Any, _mid: int, reasons: Any, _p: Any) -> None:
+        self._subacks.put([int(r.value) for r in reasons])
+
+    def _on_publish(self, _c: paho.Client, _u: Any, mid: int, reason: Any, _p: Any) -> None:
+        with self._published:
+            self._pubacks[mid] = int(reason.value)
+            self._published.notify_all()
+
+    def _on_message(self, _c: paho.Client, _u: Any, msg: paho.MQTTMessage) -> None:
+        self.messages.put(Received(msg.topic, bytes(msg.payload), bool(msg.retain), msg.qos, {}))
+
+    def subscribe(self, topic: str, qos: int = 1, timeout: float = 3.0) -> list[int]:
+        """SUBACK reason codes (0..2: granted QoS; 0x80 and up: refused)."""
+        self._client.subscribe(topic, qos)
+        return self._subacks.get(timeout=timeout)
+
+    def publish(self, topic: str, payload: bytes | str, qos: int = 1, timeout: float = 3.0) -> int:
+        """The PUBACK reason code (QoS 1), or 0 once a QoS 0 message is written."""
+        info = self._client.publish(topic, payload, qos=qos)
+        with self._published:
+            self._published.wait_for(lambda: info.mid in self._pubacks, timeout)
+            return self._pubacks.get(info.mid, -1)
+
+    def received(self, wait_for: str, timeout: float = 3.0) -> list[Received]:
+        """Everything received until a message on topic `wait_for` (a sentinel) arrives."""
+        out: list[Received] = []
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError(f"sentinel {wait_for} not received; got {out}")
+            try:
+                msg = self.messages.get(timeout=left)
+            except queue.Empty:
+                continue
+            out.append(msg)
+            if msg.topic == wait_for:
+                return out
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self._client.disconnect()
+        if self._started:
+            self._client.loop_stop()
+        self._client._reset_sockets()

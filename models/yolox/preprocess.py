@@ -79,35 +79,62 @@ class Letterbox:
         # A plain cast does the job for float models in the official (non-legacy) mode.
         self._identity = not legacy and scale is None and self.dtype.kind == "f"
         self._table = None if self._identity else value_table(legacy, self.dtype, scale, zero_point)
-        self._hwc = np.empty((height, width, 3), self.dtype) if layout == "nchw" else None
+        # int8 with scale 1 and zero point -128 (what full-integer converters give 0..255
+        # inputs) is the pixel with its top bit flipped: one XOR instead of a table.
+        self._xor_128 = (
+            self._table is not None
+            and self.dtype == np.int8
+            and np.array_equal(
+                self._table[0].astype(np.int16),
+                np.repeat((np.arange(256) - 128)[:, None], 3, axis=1),
+            )
+        )
         self._placed: tuple[int, int] | None = None
 
+    def _pad_all(self) -> None:
+        """Fill the whole input with the padding value in the model's terms."""
+        self.canvas[:] = PAD_VALUE
+        if self._table is None:
+            pad = np.full(3, PAD_VALUE, self.dtype)
+        else:
+            pad = self._table[0, PAD_VALUE, :]  # per output channel
+        if self.layout == "nhwc":
+            self.input[0, :, :, :] = pad
+        else:
+            self.input[0, :, :, :] = pad[:, None, None]
+
     def __call__(self, image: np.ndarray) -> float:
-        """Write `image` into `self.input`; return the resize ratio (model px / image px)."""
+        """Write `image` into `self.input`; return the resize ratio (model px / image px).
+
+        Only the image region is converted frame after frame; the padding is written once
+        per placement, so letterboxed 4:3 frames cost three quarters of a square one.
+        """
         bgr = to_bgr(image)
         h, w = bgr.shape[:2]
         ratio = min(self.height / h, self.width / w)
         nh, nw = max(1, min(self.height, int(h * ratio))), max(1, min(self.width, int(w * ratio)))
         if self._placed != (nh, nw):
-            self.canvas[:] = PAD_VALUE
+            self._pad_all()
             self._placed = (nh, nw)
         region = self.canvas[:nh, :nw]
         if (nh, nw) == (h, w):
             region[:] = bgr
         else:
             cv2.resize(bgr, (nw, nh), dst=region, interpolation=cv2.INTER_LINEAR)
-        source = self.canvas[:, :, ::-1] if self.legacy else self.canvas
+        source = region[:, :, ::-1] if self.legacy else region
         if self.layout == "nhwc":
-            target = self.input[0]
+            target = self.input[0, :nh, :nw]
             if self._table is None:
                 np.copyto(target, source, casting="unsafe")
+            elif self._xor_128:
+                np.bitwise_xor(source, 0x80, out=target.view(np.uint8))
             else:
-                cv2.LUT(np.ascontiguousarray(source), self._table, dst=target)
+                target[:] = cv2.LUT(np.ascontiguousarray(source), self._table)
         else:
-            assert self._hwc is not None
+            target = self.input[0, :, :nh, :nw]
             if self._table is None:
-                np.copyto(self.input[0], source.transpose(2, 0, 1), casting="unsafe")
+                np.copyto(target, source.transpose(2, 0, 1), casting="unsafe")
             else:
-                cv2.LUT(np.ascontiguousarray(source), self._table, dst=self._hwc)
-                np.copyto(self.input[0], self._hwc.transpose(2, 0, 1))
+                mapped = cv2.LUT(np.ascontiguousarray(source), self._table)
+                np.copyto(target, mapped.transpose(2, 0, 1))
         return ratio
