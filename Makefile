@@ -37,9 +37,12 @@ format: setup
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
 
+# The main job: the agent on the bundled model and clip, talking to a local mosquitto
+# that the demo starts on a free loopback port (installed with apt when missing).
 demo: setup
-	$(VENV)/bin/edge-agent detect yolox-nano-tflite-int8 models/samples --save out/demo
-	@echo "annotated copies are in out/demo"
+	command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || \
+		(apt-get update -qq && apt-get install -y -qq mosquitto)
+	$(VENV)/bin/edge-agent demo --seconds $(or $(DEMO_SECONDS),20)
 
 bench: setup
 	$(VENV)/bin/edge-agent bench detect --runs 100

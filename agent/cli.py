@@ -43,6 +43,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="agent.toml (default /etc/edge-agent/agent.toml)",
     )
 
+    demo = sub.add_parser(
+        "demo", help="the agent on the bundled model and clip with a local broker it starts"
+    )
+    demo.add_argument("--model", default="yolox-nano-tflite-int8", help="model to run")
+    demo.add_argument("--seconds", type=float, default=20.0, help="how long to run (20)")
+    demo.add_argument("--conf", type=float, default=0.25, help="score threshold (0.25)")
+
     doctor = sub.add_parser(
         "doctor", help="what this device offers: runtimes, providers, delegates"
     )
@@ -92,6 +99,10 @@ def main(argv: list[str] | None = None) -> int:
             from agent.daemon import run_agent
 
             return run_agent(args.config)
+        if args.command == "demo":
+            from agent.demo import run_demo
+
+            return run_demo(args.model, args.seconds, args.conf)
         if args.command == "doctor":
             from agent.doctor import run_doctor
 
