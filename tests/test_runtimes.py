@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from models.package import read_manifest
 from runtimes.base import DelegateSpec, RuntimeOptions
 from runtimes.errors import (
     DelegateError,
@@ -19,9 +20,11 @@ from runtimes.errors import (
 )
 from runtimes.registry import backend_for, load
 from runtimes.tflite import dequantize, quantize
-from tests.conftest import model_file
+from tests.conftest import PACKAGES, model_file
 
 RNG = np.random.default_rng(0)
+# Values per anchor: box (4), objectness, one score per class of the bundled model.
+HEAD = 5 + len(read_manifest(PACKAGES[("onnx", "fp32")]).params["class_names"])
 
 
 def image_input(runtime: str) -> np.ndarray:
@@ -39,9 +42,9 @@ def test_describe_and_run(runtime: str, precision: str) -> None:
     (inp,), (out,) = rt.inputs(), rt.outputs()
     expected_in = (1, 3, 416, 416) if runtime == "onnx" else (1, 416, 416, 3)
     assert inp.shape == expected_in
-    assert out.shape == (1, 3549, 85)
+    assert out.shape == (1, 3549, HEAD)
     (result,) = rt.run([image_input(runtime)])
-    assert result.shape == (1, 3549, 85)
+    assert result.shape == (1, 3549, HEAD)
     assert result.dtype == np.float32  # quantized outputs come back dequantized
     assert np.isfinite(result).all()
     assert rt.accelerators()[-1] in ("cpu", "CPUExecutionProvider")
@@ -71,7 +74,7 @@ def test_tflite_raw_io_matches_float_io() -> None:
 def test_feeds_by_name() -> None:
     rt = load(model_file("onnx", "fp32"))
     (out,) = rt.run({"images": image_input("onnx")})
-    assert out.shape == (1, 3549, 85)
+    assert out.shape == (1, 3549, HEAD)
     with pytest.raises(InputError, match="missing"):
         rt.run({"pictures": image_input("onnx")})
 
@@ -161,7 +164,7 @@ def test_missing_delegate_falls_back_to_cpu_when_allowed(caplog: pytest.LogCaptu
         rt = load(model_file("tflite", "int8"), options=options)
     assert "falling back to the CPU" in caplog.text
     assert "libvendor_delegate" in caplog.text
-    assert rt.run([image_input("tflite")])[0].shape == (1, 3549, 85)
+    assert rt.run([image_input("tflite")])[0].shape == (1, 3549, HEAD)
 
 
 def test_unknown_delegate_kind() -> None:
@@ -172,7 +175,7 @@ def test_unknown_delegate_kind() -> None:
 def test_tflite_without_xnnpack_still_runs() -> None:
     rt = load(model_file("tflite", "fp32"), options=RuntimeOptions(xnnpack=False))
     assert "xnnpack" not in rt.accelerators()
-    assert rt.run([image_input("tflite")])[0].shape == (1, 3549, 85)
+    assert rt.run([image_input("tflite")])[0].shape == (1, 3549, HEAD)
 
 
 def test_missing_onnx_provider_names_the_package() -> None:

@@ -155,6 +155,8 @@ def build_model(args: argparse.Namespace) -> tuple[Any, list[str], str]:
         model.load_state_dict(state, strict=True)
         digest = hashlib.sha256(args.weights.read_bytes()).hexdigest()[:12]
         weights = f"{args.weights.name} (sha256 {digest})"
+    if args.weights_desc:
+        weights = args.weights_desc
     model.eval()
     return model, classes, weights
 
@@ -420,6 +422,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--calib-count", type=int, default=64, help="calibration images to use")
     p.add_argument("--out", type=Path, default=REPO / "models" / "bundled")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--weights-desc", help="params.weights in model.json (default: file + sha256)")
     return p.parse_args(argv)
 
 

@@ -77,6 +77,12 @@ class YoloxDetector:
             scale=self.input_info.scale,
             zero_point=self.input_info.zero_point,
         )
+        # The largest class score the output can carry: dequantized int8 may exceed 1.
+        self.class_score_max = 1.0
+        info = self.output_info
+        if info.quantized and info.scale is not None and info.zero_point is not None:
+            top = float(np.iinfo(info.dtype).max - info.zero_point) * info.scale
+            self.class_score_max = max(1.0, top)
         per_anchor = self.output_info.shape[-1]
         classes = (per_anchor - 5) if per_anchor else COCO_NAMES_COUNT
         self.class_names = list(class_names) if class_names else [str(i) for i in range(classes)]
@@ -137,6 +143,7 @@ class YoloxDetector:
             nms=self.nms,
             decoded=self.decode_in_graph,
             strides=self.strides,
+            class_score_max=self.class_score_max,
         )
 
     def detect(self, image: np.ndarray) -> Detections:

@@ -93,11 +93,13 @@ def postprocess(
     decoded: bool = False,
     strides: Sequence[int] = DEFAULT_STRIDES,
     max_detections: int = 300,
+    class_score_max: float = 1.0,
 ) -> Detections:
     """Turn one image's head output into detections in original-image pixels.
 
-    score = objectness x best class probability; anchors below `conf` are dropped before
-    anything else is computed (class probabilities are sigmoids, so score <= objectness),
+    score = objectness x best class probability; anchors whose objectness alone rules them
+    out are dropped before anything else is computed (class scores are at most
+    `class_score_max`: 1 for sigmoids, the top of the range for dequantized int8),
     then class-aware NMS at IoU `nms`; boxes are divided by `ratio` and clipped.
     """
     pred = raw.reshape(-1, raw.shape[-1])
@@ -112,7 +114,9 @@ def postprocess(
                 f"head output has {pred.shape[0]} anchors; a {input_hw[0]}x{input_hw[1]} input "
                 f"with strides {list(strides)} has {grid.shape[0]}"
             )
-    candidates = np.flatnonzero(pred[:, 4] >= conf)
+    # score <= objectness x the largest class score the tensor can hold (1 for sigmoids,
+    # a little more for dequantized int8), so this cut never drops a passing anchor.
+    candidates = np.flatnonzero(pred[:, 4] * np.float32(class_score_max) >= conf)
     if candidates.size == 0:
         return Detections.empty()
     sub = pred[candidates].astype(np.float32, copy=False)
