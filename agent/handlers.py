@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import os
 import tempfile
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -109,7 +110,10 @@ def register_builtin_commands(agent: Agent) -> None:
             raise CommandError("invalid_config", str(exc)) from exc
 
     def restart(_request: Request) -> dict[str, Any]:
-        agent.request_restart()
+        # Stop only after this reply is in the outbox, so the shutdown flush sends it.
+        timer = threading.Timer(0.5, agent.request_restart)
+        timer.daemon = True
+        timer.start()
         return {"restarting": True}
 
     for name, handler in (
