@@ -6,6 +6,7 @@ Errors of ours print one line and exit 1; usage errors exit 2.
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import sys
 from pathlib import Path
@@ -14,6 +15,10 @@ from runtimes.errors import ConfigError, EdgeAgentError
 
 # EX_CONFIG: the unit's RestartPreventExitStatus keeps systemd from retrying a bad config.
 EXIT_CONFIG = 78
+
+# Sub-commands that live beside the feature they drive. Each module has
+# `register(sub)`, which adds its parsers and sets `run=callable(args) -> int` on them.
+COMMAND_MODULES: tuple[str, ...] = ()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -68,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     bdet.add_argument("--threads", type=int, help="inference threads")
     bdet.add_argument("--image", type=Path, help="frame to use (default: demo clip frame)")
     bdet.add_argument("--json", action="store_true", help="machine-readable output")
+
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(sub)
     return parser
 
 
@@ -79,6 +87,8 @@ def main(argv: list[str] | None = None) -> int:
         stream=sys.stderr,
     )
     try:
+        if getattr(args, "run", None) is not None:
+            return int(args.run(args))
         if args.command == "detect":
             from agent.detect import run_detect
 

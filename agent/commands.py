@@ -41,7 +41,14 @@ class Request:
     received: float
 
 
-Handler = Callable[[Request], dict[str, Any]]
+class Deferred:
+    """Returned by a handler that answers later itself (streams, long jobs) through
+    `CommandRouter.send`; the router then sends nothing for it."""
+
+
+DEFERRED = Deferred()
+
+Handler = Callable[[Request], "dict[str, Any] | Deferred"]
 Reply = Callable[[str, dict[str, Any], bytes | None], None]  # (topic, body, correlation)
 
 
@@ -122,6 +129,10 @@ class CommandRouter:
             correlation,
         )
 
+    def send(self, request: Request, body: dict[str, Any]) -> None:
+        """Send one message on `request`'s reply topic (for handlers that returned DEFERRED)."""
+        self._send(request.reply_topic, body, request.correlation_data)
+
     def _send(self, topic: str, body: dict[str, Any], correlation: bytes | None) -> None:
         try:
             json.dumps(body)
@@ -149,8 +160,10 @@ class CommandRouter:
         started = time.monotonic()
         try:
             result = handler(request)
-            body: dict[str, Any] = {"ok": True, "command": request.name, "result": result}
             self.handled += 1
+            if isinstance(result, Deferred):
+                return
+            body: dict[str, Any] = {"ok": True, "command": request.name, "result": result}
         except CommandError as exc:
             self.failed += 1
             body = {

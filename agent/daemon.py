@@ -18,6 +18,7 @@ from agent import __version__
 from agent.camera import CameraStream
 from agent.commands import CommandRouter
 from agent.config import AgentConfig, PipelineConfig, load_config
+from agent.extensions import Extension, load_extensions
 from agent.handlers import register_builtin_commands
 from agent.mqtt_link import MqttLink
 from agent.outbox import Outbox, Priority
@@ -77,6 +78,7 @@ class Agent:
         self.commands = CommandRouter(self.device_id, self._reply, self.stop_event)
         register_builtin_commands(self)
         self.metrics: Any = None
+        self.extensions: list[Extension] = load_extensions(self)
 
     # --- wiring -----------------------------------------------------------------------
 
@@ -129,6 +131,8 @@ class Agent:
         for pipe in self.pipelines.values():
             pipe.camera.start()
             pipe.start()
+        for ext in self.extensions:
+            ext.start()
         if self.config.metrics.enabled:
             from agent.prometheus import MetricsServer
 
@@ -157,9 +161,14 @@ class Agent:
                 }
                 for name, pipe in self.pipelines.items()
             },
-            "capabilities": {"commands": self.commands.names, "tasks": ["detection"]},
+            "capabilities": {"commands": self.commands.names, "tasks": self.tasks()},
+            **{ext.name: ext.reported() for ext in self.extensions},
             "ts": round(time.time(), 3),
         }
+
+    def tasks(self) -> list[str]:
+        names = {"detection"} | {e.name for e in self.extensions if e.name in ("llm", "diffusion")}
+        return sorted(names)
 
     def publish_reported(self) -> None:
         self.link.publish(
@@ -195,6 +204,7 @@ class Agent:
                 "failed": self.commands.failed,
                 "rejected": self.commands.rejected,
             },
+            **{ext.name: ext.telemetry() for ext in self.extensions},
         }
 
     def healthy(self) -> bool:
@@ -327,6 +337,13 @@ class Agent:
                 stuck.append(f"camera:{name}")
         if not self.commands.join(JOIN_TIMEOUT_S):
             stuck.append("commands")
+        for ext in self.extensions:
+            try:
+                if not ext.stop(JOIN_TIMEOUT_S):
+                    stuck.append(f"extension:{ext.name}")
+            except Exception:
+                log.exception("extension %s failed to stop", ext.name)
+                stuck.append(f"extension:{ext.name}")
         if self.metrics is not None:
             self.metrics.stop()
         stuck += self.link.stop()

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -37,6 +37,27 @@ class Hardware(BaseModel):
     )
 
 
+class Signature(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    alg: Literal["ed25519"] = "ed25519"
+    key_id: str = Field(description="First 16 hex digits of sha256(raw public key)")
+    value: str = Field(description="Base64 Ed25519 signature over the canonical JSON")
+
+
+class TestVector(BaseModel):
+    """An input and the outputs the model must give for it (raw runtime tensors, .npy files
+    listed in `files`)."""
+
+    model_config = ConfigDict(extra="forbid")
+    __test__: ClassVar[bool] = False  # not a pytest class
+
+    input: str = Field(description="A .npy file: the model's input tensor, as the runtime takes it")
+    outputs: list[str] = Field(min_length=1, description=".npy files, one per model output")
+    atol: float = Field(default=1e-3, ge=0, description="Absolute tolerance")
+    rtol: float = Field(default=1e-3, ge=0, description="Relative tolerance")
+
+
 class Manifest(BaseModel):
     """The parsed `model.json`."""
 
@@ -55,7 +76,13 @@ class Manifest(BaseModel):
         default_factory=dict, description="Family parameters (input size, class names, ...)"
     )
     hardware: Hardware = Field(default_factory=Hardware)
+    test_vectors: list[TestVector] = Field(
+        default_factory=list, description="Inputs with expected outputs, checked before use"
+    )
     description: str = ""
+    signature: Signature | None = Field(
+        default=None, description="Ed25519 signature by the fleet key (models/signing.py)"
+    )
 
 
 def sha256_file(path: Path) -> str:
@@ -93,6 +120,11 @@ def read_manifest(directory: Path) -> Manifest:
     for entry in manifest.files:
         if Path(entry.path).is_absolute() or ".." in Path(entry.path).parts:
             raise PackageError(f"{path}: file path {entry.path!r} leaves the package")
+    listed = {f.path for f in manifest.files}
+    for vector in manifest.test_vectors:
+        for name in (vector.input, *vector.outputs):
+            if name not in listed:
+                raise PackageError(f"{path}: test vector file {name!r} is not listed in files")
     return manifest
 
 
@@ -114,7 +146,7 @@ def write_manifest(directory: Path, manifest: Manifest) -> Path:
     """Write model.json atomically (temp file + rename)."""
     path = directory / MANIFEST
     tmp = path.with_suffix(".json.tmp")
-    data = manifest.model_dump(mode="json", by_alias=True)
+    data = manifest.model_dump(mode="json", by_alias=True, exclude_none=True)
     tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     tmp.replace(path)
     return path
