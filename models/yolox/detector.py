@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from models.yolox.postprocess import DEFAULT_STRIDES, Detections, postprocess
-from models.yolox.preprocess import Letterbox
+from models.yolox.preprocess import Letterbox, leave_cores_to_the_runtime
 from models.zoo import ModelRef, resolve
 from runtimes.base import Runtime, RuntimeOptions, TensorInfo
 from runtimes.errors import ModelFormatError
@@ -56,6 +56,7 @@ class YoloxDetector:
         # Quantized tensors are (de)quantized here, folded into the letterbox table and
         # the score filter, so the runtime passes them through raw.
         opts = dataclasses.replace(options or RuntimeOptions(), raw_io=True)
+        leave_cores_to_the_runtime()
         self.runtime: Runtime = load(path, runtime, opts)
         self.conf, self.nms = conf, nms
         self.strides = tuple(strides)
