@@ -130,12 +130,19 @@ class CameraStream:
         backoff_max_s: float = 30.0,
         read_timeout_s: float = 10.0,
         opener: Opener | None = None,
+        every_frame: bool | None = None,
     ) -> None:
         self.spec = SourceSpec.parse(source)
         if self.spec.kind is SourceKind.FILE and not Path(str(self.spec.target)).exists():
             log.warning("camera source %s does not exist (yet); will keep trying", source)
         self.loop = loop
         self.realtime = realtime and self.spec.kind is SourceKind.FILE
+        # A file read flat out waits for the consumer to take each frame instead of
+        # decoding frames only to drop them: every frame is analysed, and no CPU goes to
+        # frames nobody sees. Live sources always keep only the newest frame.
+        if every_frame is None:
+            every_frame = not self.realtime
+        self.every_frame = every_frame and self.spec.kind is SourceKind.FILE
         self.backoff_min_s, self.backoff_max_s = backoff_min_s, backoff_max_s
         self.read_timeout_s = read_timeout_s
         self.stats = StreamStats()
@@ -184,6 +191,7 @@ class CameraStream:
                 frame = self._latest
                 if frame is not None and frame.index > self._taken:
                     self._taken = frame.index
+                    self._cond.notify_all()  # a reader waiting to hand out the next one
                     return frame
                 if self._stop.is_set() or self._state in (StreamState.ENDED, StreamState.STOPPED):
                     return None
@@ -199,6 +207,13 @@ class CameraStream:
 
     def _publish(self, image: np.ndarray) -> None:
         with self._cond:
+            if self.every_frame:
+                while (
+                    self._latest is not None
+                    and self._latest.index > self._taken
+                    and not self._stop.is_set()
+                ):
+                    self._cond.wait(0.5)
             index = self.stats.captured
             if self._latest is not None and self._latest.index > self._taken:
                 self.stats.dropped += 1

@@ -101,7 +101,7 @@ def test_file_without_loop_reads_every_frame_then_ends(tmp_path: Path) -> None:
 def test_slow_consumer_gets_the_newest_frame_and_drops_are_counted(tmp_path: Path) -> None:
     clip = write_clip(tmp_path / "b.mp4", frames=40)
     stop = threading.Event()
-    cam = CameraStream(str(clip), stop, loop=False, realtime=False)
+    cam = CameraStream(str(clip), stop, loop=False, realtime=False, every_frame=False)
     cam.start()
     assert wait_for(lambda: cam.state is StreamState.ENDED)
     frame = cam.latest(timeout=1)
@@ -110,6 +110,21 @@ def test_slow_consumer_gets_the_newest_frame_and_drops_are_counted(tmp_path: Pat
     assert cam.latest(timeout=0.1) is None  # nothing newer than what we took
     stop.set()
     cam.join(5)
+
+
+def test_a_file_read_flat_out_hands_out_every_frame(tmp_path: Path) -> None:
+    clip = write_clip(tmp_path / "e.mp4", frames=30)
+    stop = threading.Event()
+    cam = CameraStream(str(clip), stop, loop=False, realtime=False)
+    cam.start()
+    seen = []
+    while (frame := cam.latest(timeout=5)) is not None:
+        seen.append(frame.index)
+        time.sleep(0.01)  # slower than decoding: a live camera would drop frames here
+    assert seen == list(range(30))
+    assert cam.stats.dropped == 0
+    stop.set()
+    assert cam.join(5)
 
 
 def test_realtime_pacing_follows_the_file_fps(tmp_path: Path) -> None:
@@ -128,7 +143,7 @@ def test_realtime_pacing_follows_the_file_fps(tmp_path: Path) -> None:
 def test_looping_file_keeps_going(tmp_path: Path) -> None:
     clip = write_clip(tmp_path / "d.mp4", frames=5)
     stop = threading.Event()
-    cam = CameraStream(str(clip), stop, loop=True, realtime=False)
+    cam = CameraStream(str(clip), stop, loop=True, realtime=False, every_frame=False)
     cam.start()
     assert wait_for(lambda: cam.stats.captured > 12)
     assert cam.stats.reopens >= 2 and cam.stats.failures == 0
@@ -141,7 +156,13 @@ def test_source_that_disappears_is_reopened_with_backoff(tmp_path: Path) -> None
     write_clip(clip, frames=5)
     stop = threading.Event()
     cam = CameraStream(
-        str(clip), stop, loop=True, realtime=False, backoff_min_s=0.05, backoff_max_s=0.2
+        str(clip),
+        stop,
+        loop=True,
+        realtime=False,
+        every_frame=False,
+        backoff_min_s=0.05,
+        backoff_max_s=0.2,
     )
     cam.start()
     assert wait_for(lambda: cam.stats.captured >= 5)
