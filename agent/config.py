@@ -37,10 +37,15 @@ __all__ = [
     "AgentConfig",
     "DelegateConfig",
     "DeviceConfig",
+    "DiffusionConfig",
     "MqttConfig",
     "OnnxRuntimeConfig",
+    "OtaConfig",
     "OutboxConfig",
     "PipelineConfig",
+    "SerialConfig",
+    "SerialSinkSection",
+    "SerialSourceSection",
     "TelemetryConfig",
     "TfliteRuntimeConfig",
     "TlsConfig",
@@ -359,7 +364,11 @@ class PipelineConfig(_Section):
     )
     loop: bool = Field(default=True, description="Video files: start again at the end.")
     realtime: bool = Field(
-        default=True, description="Video files: read at the file's frame rate, not flat out."
+        default=True,
+        description=(
+            "Video files: read at the file's frame rate; false reads as fast as the pipeline"
+            " takes frames, every frame analysed."
+        ),
     )
     reopen_min_s: float = Field(
         default=0.5, gt=0, le=600, description="First delay before reopening a failed source."
@@ -409,6 +418,296 @@ class MetricsConfig(_Section):
     )
 
 
+class OtaConfig(_Section):
+    """[ota]: over-the-air model updates (docs/ota-protocol.md); harmless without a desired
+    state from the controller."""
+
+    enabled: bool = Field(
+        default=True, description="Follow edge/<id>/desired and update models over the air."
+    )
+    trusted_keys: list[Path] = Field(
+        default_factory=list,
+        description="Public keys (.pub PEM files or directories of them) trusted to sign "
+        "packages and desired states, besides <state_dir>/trust/*.pub.",
+    )
+    chunk_bytes: int = Field(
+        default=256 << 10,
+        ge=4096,
+        le=4 << 20,
+        description="Bytes asked for per chunk request; must fit mqtt.max_inbound_bytes.",
+    )
+    window: int = Field(
+        default=8, ge=1, le=256, description="Chunk requests outstanding at once, at most."
+    )
+    request_timeout_s: float = Field(
+        default=10.0, gt=0, le=600, description="A chunk not answered in this time is asked again."
+    )
+    ca_file: Path | None = Field(
+        default=None,
+        description="CA bundle for packages fetched over HTTPS (a desired state's url); "
+        "None: the system store.",
+    )
+    stall_timeout_s: float = Field(
+        default=120.0,
+        gt=0,
+        le=86400,
+        description="A download with no chunk arriving for this long is given up (and retried "
+        "at the next desired state or restart, keeping what it has).",
+    )
+    validate_timeout_s: float = Field(
+        default=60.0,
+        gt=0,
+        le=3600,
+        description="The validation child (load, probe, test vectors) is killed after this.",
+    )
+    latency_budget_ms: float = Field(
+        default=1000.0,
+        gt=0,
+        description="Validation fails if one probe inference takes longer than this.",
+    )
+    trial_s: float = Field(
+        default=30.0,
+        ge=0,
+        le=86400,
+        description="Trial period after activation; commit when both it and trial_frames "
+        "have passed.",
+    )
+    trial_frames: int = Field(
+        default=100, ge=0, description="Frames the new model must process before commit."
+    )
+    trial_timeout_s: float = Field(
+        default=600.0,
+        gt=0,
+        description="A trial that has not seen trial_frames within this time rolls back.",
+    )
+    max_error_rate: float = Field(
+        default=0.05,
+        ge=0,
+        le=1,
+        description="Roll back when more than this fraction of trial frames fail.",
+    )
+    max_latency_ratio: float = Field(
+        default=3.0,
+        gt=0,
+        description="Roll back when the trial's p95 inference latency exceeds the previous "
+        "model's by more than this factor.",
+    )
+    max_detection_change: float = Field(
+        default=0.9,
+        ge=0,
+        description="Roll back when detections per frame change by more than this fraction "
+        "of the previous model's rate (only when that rate was above zero).",
+    )
+    keep_packages: int = Field(
+        default=3,
+        ge=2,
+        le=100,
+        description="Packages kept in <state_dir>/models at most (current and previous always).",
+    )
+
+
+SerialKind = Literal["nmea", "kv"]
+_ALL_KINDS: list[SerialKind] = ["nmea", "kv"]
+
+
+class _SerialPortSection(_Section):
+    """The settings every serial port takes (as agent.serial_port.SerialPortConfig)."""
+
+    port: str = Field(
+        min_length=1,
+        description="Device path (/dev/ttyUSB0, /dev/serial0, a udev symlink) or pyserial URL.",
+    )
+    baudrate: int = Field(default=115200, gt=0, le=4_000_000, description="Bits per second.")
+    bytesize: Literal[5, 6, 7, 8] = Field(default=8, description="Data bits.")
+    parity: Literal["none", "even", "odd", "mark", "space"] = Field(
+        default="none", description="Parity bit."
+    )
+    stopbits: float = Field(default=1, description="Stop bits: 1, 1.5 or 2.")
+    rtscts: bool = Field(default=False, description="RTS/CTS hardware flow control.")
+    xonxoff: bool = Field(default=False, description="XON/XOFF software flow control.")
+    exclusive: bool = Field(
+        default=True, description="Lock the port (flock) so no other process shares it."
+    )
+    write_timeout_s: float = Field(
+        default=1.0, gt=0, le=60, description="A write blocked longer than this fails."
+    )
+    reopen_min_s: float = Field(
+        default=0.5, gt=0, le=600, description="First reopen delay; doubles per failure."
+    )
+    reopen_max_s: float = Field(default=30.0, gt=0, le=3600, description="Longest reopen delay.")
+
+    @model_validator(mode="after")
+    def _port_settings(self) -> _SerialPortSection:
+        if self.stopbits not in (1, 1.5, 2):
+            raise LocatedValueError(("stopbits",), "stopbits must be 1, 1.5 or 2")
+        if self.reopen_min_s > self.reopen_max_s:
+            raise LocatedValueError(("reopen_min_s",), "reopen_min_s must not exceed reopen_max_s")
+        return self
+
+
+class SerialSinkSection(_SerialPortSection):
+    """[serial.sink]: a UART device that receives every detection event."""
+
+    format: Literal["jsonl", "binary"] = Field(
+        default="jsonl", description="JSON lines, or binary CRC-16 frames (agent.serial_frame)."
+    )
+    max_rate_hz: float | None = Field(
+        default=10.0, gt=0, le=10_000, description="Events per second at most (None: no limit)."
+    )
+    burst: int = Field(default=1, ge=1, le=1000, description="Events sent back to back at most.")
+    queue_size: int = Field(default=64, ge=1, le=100_000, description="Events waiting, at most.")
+    ack: bool = Field(default=False, description="Wait for the device's ACK/NAK per event.")
+    ack_timeout_s: float = Field(default=0.5, gt=0, le=60, description="Wait for ACK this long.")
+    retries: int = Field(default=2, ge=0, le=100, description="Resends after NAK or timeout.")
+    max_payload: int = Field(
+        default=4096, ge=16, le=0xFFFF, description="Longer encoded events are dropped."
+    )
+
+
+class SerialSourceSection(_SerialPortSection):
+    """[[serial.sources]]: a UART sensor (NMEA GPS receiver, key=value lines)."""
+
+    name: str = Field(
+        pattern=_TOPIC_SAFE, description="Name of this sensor in telemetry (e.g. gps, env)."
+    )
+    baudrate: int = Field(default=9600, gt=0, le=4_000_000, description="Bits per second.")
+    kinds: list[SerialKind] = Field(
+        default_factory=lambda: _ALL_KINDS.copy(),
+        min_length=1,
+        description="What to take from it: nmea (GPS GGA/RMC) and/or kv (key=value readings).",
+    )
+    max_line: int = Field(
+        default=256, ge=16, le=65536, description="Longer lines are skipped (NMEA: 82)."
+    )
+
+
+class SerialConfig(_Section):
+    """[serial]: serial peripherals; events go to the sink, sensor values ride along."""
+
+    sink: SerialSinkSection | None = Field(
+        default=None, description="[serial.sink]: where detection events are sent (optional)."
+    )
+    sources: list[SerialSourceSection] = Field(
+        default_factory=list, description="[[serial.sources]]: sensors read continuously."
+    )
+    attach: bool = Field(
+        default=True,
+        description="Attach the newest sensor values (gps, sensors) to every event.",
+    )
+    max_age_s: float = Field(
+        default=10.0,
+        gt=0,
+        le=86400,
+        description="Values older than this are not attached (a GPS that lost its fix).",
+    )
+
+    @model_validator(mode="after")
+    def _ports_distinct(self) -> SerialConfig:
+        seen: dict[str, str] = {}
+        if self.sink is not None:
+            seen[self.sink.port] = "sink"
+        names: set[str] = set()
+        for index, source in enumerate(self.sources):
+            if source.name in names:
+                raise LocatedValueError(
+                    ("sources", index, "name"), f"source name {source.name!r} repeats"
+                )
+            names.add(source.name)
+            if source.port in seen:
+                raise LocatedValueError(
+                    ("sources", index, "port"),
+                    f"port {source.port} is already used by {seen[source.port]}",
+                )
+            seen[source.port] = f"sources[{index}]"
+        return self
+
+
+class DiffusionConfig(_Section):
+    """[diffusion]: the text-to-image pipeline behind the diffusion.generate command."""
+
+    model: str = Field(
+        default="tiny-sd",
+        min_length=1,
+        description="Pipeline directory (optimum Stable-Diffusion layout), its model.json, or "
+        "a bundled name.",
+    )
+    threads: int = Field(
+        default=1,
+        ge=1,
+        le=64,
+        description="ONNX Runtime intra-op threads for generation (few, so the camera "
+        "pipelines keep their cores).",
+    )
+    providers: list[str] | None = Field(
+        default=None,
+        description="Execution providers in order (None: the best installed ones).",
+    )
+    nice: int = Field(
+        default=10,
+        ge=0,
+        le=19,
+        description="How much lower than the agent the generation thread runs (OS nice "
+        "increment); the detection pipelines keep the agent's priority.",
+    )
+    queue_depth: int = Field(
+        default=2, ge=1, le=64, description="Requests waiting behind the one running, at most."
+    )
+    max_steps: int = Field(default=50, ge=1, le=1000, description="Most steps a request may ask.")
+    max_size: int = Field(
+        default=256, ge=8, le=4096, description="Largest width or height in pixels."
+    )
+    chunk_bytes: int = Field(
+        default=64 << 10,
+        ge=1024,
+        le=4 << 20,
+        description="An encoded image larger than this is sent in chunks of this many bytes "
+        "(each with index, total and the sha256 of the whole).",
+    )
+    progress_every: int = Field(
+        default=1, ge=1, le=1000, description="Send a progress message every this many steps."
+    )
+
+
+class LlmConfig(_Section):
+    """[llm]: the on-device LLM behind the llm.generate command (continuous batching)."""
+
+    model: str = Field(
+        min_length=1,
+        description="LLM package directory (optimum or onnxruntime-genai ONNX layout) or "
+        "bundled name, e.g. tiny-llama-onnx-int8.",
+    )
+    max_batch: int = Field(
+        default=8, ge=1, le=256, description="Requests decoded together in one step, at most."
+    )
+    cache_mb: float = Field(
+        default=16.0, gt=0, le=65536, description="KV cache preallocated at start, in MiB."
+    )
+    block_size: int = Field(
+        default=16, ge=1, le=1024, description="Tokens per KV cache block (the admission unit)."
+    )
+    threads: int = Field(
+        default=1, ge=1, le=64, description="ONNX Runtime intra-op threads for the LLM."
+    )
+    nice: int = Field(
+        default=10,
+        ge=0,
+        le=19,
+        description="Niceness added to the LLM threads so camera pipelines keep their fps.",
+    )
+    queue_depth: int = Field(
+        default=32, ge=1, le=4096, description="Requests waiting for the batch, at most."
+    )
+    max_wait_s: float = Field(
+        default=30.0, gt=0, le=3600, description="A request waiting this long for cache fails."
+    )
+    max_tokens_limit: int = Field(
+        default=512, ge=1, description="Largest max_tokens a request may ask for."
+    )
+    default_timeout_s: float = Field(
+        default=120.0, gt=0, le=86400, description="Deadline of a request that sets none."
+    )
+
+
 class AgentConfig(_Section):
     """The whole agent.toml."""
 
@@ -425,6 +724,17 @@ class AgentConfig(_Section):
     )
     pipelines: list[PipelineConfig] = Field(
         default_factory=list, description="[[pipelines]]: detection pipelines, one per source."
+    )
+    serial: SerialConfig | None = Field(
+        default=None, description="[serial]: serial sink and sensor sources (optional)."
+    )
+    ota: OtaConfig = Field(default=OtaConfig(), description="[ota]: over-the-air model updates.")
+    llm: LlmConfig | None = Field(
+        default=None, description="[llm]: the on-device LLM; omit to serve none."
+    )
+    diffusion: DiffusionConfig | None = Field(
+        default=None,
+        description="[diffusion]: text-to-image generation; absent: no diffusion.generate.",
     )
 
     @model_validator(mode="after")

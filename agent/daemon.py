@@ -10,6 +10,7 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ from agent.telemetry import SystemProbe, system_report
 from models.yolox.detector import YoloxDetector
 from models.zoo import resolve
 from runtimes.base import RuntimeOptions
+from runtimes.errors import EdgeAgentError
 
 log = logging.getLogger(__name__)
 
@@ -40,11 +42,16 @@ def pipeline_filter(cfg: PipelineConfig) -> DetectionFilter:
     return DetectionFilter(frozenset(cfg.classes) if cfg.classes else None, zones)
 
 
-def build_detector(cfg: PipelineConfig) -> tuple[YoloxDetector, str]:
-    """The pipeline's detector and its label `name@version`."""
-    ref = resolve(cfg.model)
-    runtime = cfg.runtime.type if cfg.runtime else None
+def build_detector(
+    cfg: PipelineConfig, model: str | Path | None = None
+) -> tuple[YoloxDetector, str]:
+    """The pipeline's detector and its label `name@version`; `model` (an OTA package)
+    replaces cfg.model, and the config's runtime options apply only if its runtime matches."""
+    ref = resolve(model if model is not None else cfg.model)
+    runtime: str | None = cfg.runtime.type if cfg.runtime else None
     options = cfg.runtime.runtime_options() if cfg.runtime else RuntimeOptions()
+    if model is not None and ref.manifest is not None and runtime != ref.manifest.runtime:
+        runtime, options = ref.manifest.runtime, RuntimeOptions()
     detector = YoloxDetector.from_ref(
         ref, runtime=runtime, options=options, conf=cfg.conf, nms=cfg.nms
     )
@@ -78,6 +85,9 @@ class Agent:
         self.commands = CommandRouter(self.device_id, self._reply, self.stop_event)
         register_builtin_commands(self)
         self.metrics: Any = None
+        # Extensions may add hooks: (pipeline, event) -> None, called on the pipeline thread
+        # before the event is published; a hook may add keys to the event, never block.
+        self.event_hooks: list[Callable[[str, dict[str, Any]], None]] = []
         self.extensions: list[Extension] = load_extensions(self)
 
     # --- wiring -----------------------------------------------------------------------
@@ -86,6 +96,11 @@ class Agent:
         return f"edge/{self.device_id}/{suffix}"
 
     def _emit_event(self, pipeline: str, event: dict[str, Any]) -> None:
+        for hook in self.event_hooks:
+            try:
+                hook(pipeline, event)
+            except Exception:  # a broken hook never costs the event
+                log.exception("event hook %r failed", hook)
         self.link.publish(
             self.topic(f"events/{pipeline}"), json.dumps(event), qos=1, priority=Priority.EVENT
         )
@@ -95,8 +110,19 @@ class Agent:
             topic, json.dumps(body), qos=1, priority=Priority.CONTROL, correlation_data=correlation
         )
 
+    def _load_model(self, cfg: PipelineConfig) -> tuple[YoloxDetector, str]:
+        """The OTA store's current package (then previous) if one loads, else cfg.model."""
+        from agent.ota.store import startup_models
+
+        for package in startup_models(self.config, cfg.name):
+            try:
+                return build_detector(cfg, package)
+            except EdgeAgentError as exc:
+                log.error("pipeline %s: OTA package %s does not load: %s", cfg.name, package, exc)
+        return build_detector(cfg)
+
     def _add_pipeline(self, cfg: PipelineConfig) -> DetectionPipeline:
-        detector, label = build_detector(cfg)
+        detector, label = self._load_model(cfg)
         camera = CameraStream(
             cfg.source,
             self.stop_event,

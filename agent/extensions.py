@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 if TYPE_CHECKING:
     from agent.daemon import Agent
 
-FACTORIES: tuple[str, ...] = ()
+FACTORIES: tuple[str, ...] = ("agent.ota.service:create",)
 
 
 class Extension(Protocol):

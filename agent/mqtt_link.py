@@ -10,6 +10,7 @@ import json
 import logging
 import queue
 import random
+import socket
 import ssl
 import threading
 import time
@@ -316,6 +317,7 @@ class MqttLink:
         # instead, so only the network thread ever touches the socket.
         client.on_socket_register_write = _ignore_socket
         client.on_socket_unregister_write = _ignore_socket
+        client.on_socket_open = _no_delay
         if self._mqtt.tls is not None:
             client.tls_set_context(_tls_context(self._mqtt))
         client.will_set(
@@ -597,6 +599,13 @@ def _tls_context(mqtt: MqttConfig) -> ssl.SSLContext:
 
 def _ignore_socket(_client: paho.Client, _userdata: Any, _sock: Any) -> None:
     """The external-loop write hook: loop() in the network thread does the writing."""
+
+
+def _no_delay(_client: paho.Client, _userdata: Any, sock: Any) -> None:
+    """TCP_NODELAY: small requests (OTA chunk requests, replies) go out at once instead of
+    waiting for the peer's delayed ACK (~40 ms per round trip)."""
+    with contextlib.suppress(OSError, AttributeError, ValueError):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 def _release_sockets(client: paho.Client) -> None:

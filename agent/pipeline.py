@@ -123,6 +123,10 @@ class DetectionPipeline:
         self.hang_limit_s = hang_limit_s
         self.latency = {stage: Latency() for stage in STAGES}
         self.frames = self.events = self.errors = 0
+        self.detections = 0  # boxes reported (after filters), over all frames
+        self.swaps = 0  # model swaps applied
+        self.swap_gap: int | None = None  # camera frames skipped across the last swap
+        self._swap_after: int | None = None  # index of the last frame the old model saw
         self.last_error: str | None = None
         self.busy_since: float | None = None  # monotonic start of the frame in progress
         self._stop = stop
@@ -144,9 +148,12 @@ class DetectionPipeline:
         return self._detector
 
     def swap_model(self, detector: YoloxDetector, label: str) -> None:
-        """Use `detector` from the next frame on; the old one is closed after the swap."""
+        """Use `detector` (already loaded) from the next frame on; the pipeline thread closes
+        the old one after the swap, between two frames. `swaps` counts applied swaps."""
         with self._swap_lock:
-            self._pending = (detector, label)
+            replaced, self._pending = self._pending, (detector, label)
+        if replaced is not None:  # a swap that never ran: its detector is ours to close
+            replaced[0].close()
 
     def update(
         self,
@@ -196,6 +203,9 @@ class DetectionPipeline:
             "camera_reopens": self.camera.stats.reopens,
             "camera_state": self.camera.state.value,
             "model": self._label,
+            "detections": self.detections,
+            "swaps": self.swaps,
+            "swap_gap_frames": self.swap_gap,
             "hung": self.hung(),
             "latency": {stage: lat.percentiles() for stage, lat in self.latency.items()},
         }
@@ -207,6 +217,10 @@ class DetectionPipeline:
             return
         old = self._detector
         self._detector, self._label = pending
+        self._swap_after = self.last_frame.index if self.last_frame is not None else None
+        for lat in self.latency.values():  # the figures are the running model's
+            lat.samples.clear()
+        self.swaps += 1
         log.info("pipeline %s: now running %s", self.name, self._label)
         old.close()
 
@@ -241,6 +255,10 @@ class DetectionPipeline:
         for stage, seconds in zip(STAGES, (t1 - t0, t2 - t1, t3 - t2, t3 - t0)):
             self.latency[stage].add(seconds)
         self.frames += 1
+        self.detections += len(dets)
+        if self._swap_after is not None:
+            self.swap_gap = max(0, frame.index - self._swap_after - 1)
+            self._swap_after = None
         self._fps_window.append(time.monotonic())
         self.last_detections, self.last_frame = dets, frame
         names = detector.class_names

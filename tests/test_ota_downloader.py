@@ -1,0 +1,135 @@
+"""The chunked, resumable download (agent/ota/downloader.py) against a stand-in controller
+that answers each request at once, as BlobServer would (unit test: no broker)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agent.config import OtaConfig
+from agent.mqtt_inbound import InboundMessage
+from agent.ota.downloader import Cancelled, Downloader
+from agent.ota.state import OtaError
+from agent.ota.store import ModelStore
+from models.package import FileEntry
+
+CHUNK = 4096
+
+
+class Controller:
+    """Answers blob/get like BlobServer; `tamper(index, payload)` may change a reply."""
+
+    def __init__(self, blobs: dict[str, bytes]) -> None:
+        self.blobs = blobs
+        self.requests: list[tuple[int, int]] = []
+        self.downloader: Downloader | None = None
+        self.tamper: Callable[[int, bytes], bytes | None] = lambda _i, data: data
+        self.duplicate: set[int] = set()  # chunks whose reply comes twice (QoS 1 redelivery)
+
+    def publish(self, topic: str, payload: bytes | str, **kw: Any) -> int:
+        body = json.loads(payload)
+        sha, offset, length = body["sha256"], body["offset"], body["length"]
+        self.requests.append((offset, length))
+        blob = self.blobs[sha]
+        props = {"sha256": sha, "offset": str(offset)}
+        if offset >= len(blob):
+            props["error"] = "bad_range"
+            data = b""
+        else:
+            data = blob[offset : offset + length]
+            props["chunk_sha256"] = hashlib.sha256(data).hexdigest()
+        tampered = self.tamper(offset // CHUNK, data)
+        copies = 2 if offset // CHUNK in self.duplicate else 1
+        for _ in range(copies if tampered is not None and self.downloader else 0):
+            assert self.downloader is not None and tampered is not None
+            self.downloader.on_data(
+                InboundMessage(
+                    topic,
+                    tampered,
+                    1,
+                    False,
+                    correlation_data=kw.get("correlation_data"),
+                    user_properties=tuple(props.items()),
+                )
+            )
+        return 1
+
+
+def setup(tmp_path: Path, data: bytes, **cfg: Any) -> tuple[Controller, Downloader, FileEntry]:
+    sha = hashlib.sha256(data).hexdigest()
+    ctl = Controller({sha: data})
+    store = ModelStore(tmp_path).ensure()
+    config = OtaConfig(chunk_bytes=CHUNK, window=4, request_timeout_s=0.2, **cfg)
+    dl = Downloader(ctl, "dev", store, config, connected=lambda: True)
+    ctl.downloader = dl
+    return ctl, dl, FileEntry(path="m.bin", sha256=sha, size=len(data))
+
+
+def test_fetches_checks_and_resumes(tmp_path: Path) -> None:
+    data = os.urandom(25 * CHUNK + 100)
+    _ctl, dl, entry = setup(tmp_path, data)
+    seen: list[tuple[int, int]] = []
+    with pytest.raises(Cancelled):
+        dl.fetch(
+            [entry], lambda held, total, _n: seen.append((held, total)), lambda: len(seen) > 10
+        )
+    side = json.loads((tmp_path / "models/downloads" / f"{entry.sha256}.part.json").read_text())
+    have = set(side["have"])
+    assert len(have) >= 10 and side["chunk"] == CHUNK
+    assert dl.held([entry]) == len(have) * CHUNK
+    # a new agent (new downloader) asks only for what is missing
+    ctl2, dl2, _ = setup(tmp_path, data)
+    progress: list[int] = []
+    dl2.fetch([entry], lambda held, _t, _n: progress.append(held), lambda: False)
+    assert {o // CHUNK for o, _ in ctl2.requests} == set(range(26)) - have
+    assert (tmp_path / "models/blobs" / entry.sha256).read_bytes() == data
+    assert progress[-1] == len(data) and ctl2.requests[-1][1] in (CHUNK, 100)
+    assert not list((tmp_path / "models/downloads").iterdir())
+    dl2.fetch([entry], lambda *_a: None, lambda: False)  # complete already: nothing asked
+    assert len(ctl2.requests) == 26 - len(have)
+
+
+def test_bad_chunks_are_asked_again_and_duplicates_counted(tmp_path: Path) -> None:
+    data = os.urandom(8 * CHUNK)
+    ctl, dl, entry = setup(tmp_path, data)
+    spoiled: set[int] = set()
+
+    def tamper(index: int, payload: bytes) -> bytes | None:
+        if index == 2 and index not in spoiled:
+            spoiled.add(index)
+            return b"x" * len(payload)  # fails its chunk_sha256
+        if index == 5 and len(spoiled) == 1:
+            spoiled.add(99)
+            return None  # lost: asked again after the timeout
+        return payload
+
+    ctl.tamper = tamper
+    ctl.duplicate = {3}
+    dl.fetch([entry], lambda *_a: None, lambda: False)
+    assert (tmp_path / "models/blobs" / entry.sha256).read_bytes() == data
+    assert dl.stats.bad_chunks == 1 and dl.stats.retries >= 1
+    assert dl.stats.refetched == CHUNK and dl.stats.received == len(data)
+
+
+def test_truncated_and_tampered_files_are_refused(tmp_path: Path) -> None:
+    data = os.urandom(6 * CHUNK)
+    ctl, dl, entry = setup(tmp_path / "a", data)
+    ctl.blobs[entry.sha256] = data[: 3 * CHUNK + 10]
+    with pytest.raises(OtaError, match=r"^truncated: m.bin"):
+        dl.fetch([entry], lambda *_a: None, lambda: False)
+    assert not list((tmp_path / "a/models/downloads").iterdir())
+    ctl, dl, entry = setup(tmp_path / "b", data)
+    ctl.blobs[entry.sha256] = data[:-1] + bytes([data[-1] ^ 1])
+    with pytest.raises(OtaError, match=r"^sha256 mismatch: m.bin"):
+        dl.fetch([entry], lambda *_a: None, lambda: False)
+    assert not (tmp_path / "b/models/blobs" / entry.sha256).exists()
+    ctl, dl, entry = setup(tmp_path / "c", data, stall_timeout_s=0.5)
+    ctl.tamper = lambda _i, _d: None
+    with pytest.raises(OtaError, match=r"^transfer: no data for 0.5 s"):
+        dl.fetch([entry], lambda *_a: None, lambda: False)
