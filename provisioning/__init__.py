@@ -1,1 +1,2 @@
-"""Device identity and enrolment (keys, CSR, certificates, claim tokens); not built yet."""
+"""Device identity and enrolment: keys, CSR, certificates, claim-token enrolment and renewal
+(`edge-agent provision` / `renew`); docs/provisioning.md."""
