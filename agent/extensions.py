@@ -14,7 +14,11 @@ from typing import TYPE_CHECKING, Any, Protocol
 if TYPE_CHECKING:
     from agent.daemon import Agent
 
-FACTORIES: tuple[str, ...] = ("agent.ota.service:create", "agent.serial_ext:create")
+FACTORIES: tuple[str, ...] = (
+    "agent.ota.service:create",
+    "agent.serial_ext:create",
+    "agent.llm_service:create",
+)
 
 
 class Extension(Protocol):
