@@ -137,9 +137,9 @@ def run_bench_detect(
     out: IO[str],
     err: IO[str],
 ) -> int:
-    names = models or bundled_names()
+    names = models or bundled_names("detection")
     if not names:
-        err.write("error: no models given and none bundled\n")
+        err.write("error: no models given and no detector bundled\n")
         return 2
     frame = next(frames(image))[1] if image else bench_frame()
     rows = []

@@ -18,7 +18,7 @@ EXIT_CONFIG = 78
 
 # Sub-commands that live beside the feature they drive. Each module has
 # `register(sub)`, which adds its parsers and sets `run=callable(args) -> int` on them.
-COMMAND_MODULES: tuple[str, ...] = ("provisioning.cli", "agent.cli_llm")
+COMMAND_MODULES: tuple[str, ...] = ("provisioning.cli", "agent.cli_llm", "agent.cli_diffusion")
 
 
 def build_parser() -> argparse.ArgumentParser:

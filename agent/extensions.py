@@ -18,6 +18,7 @@ FACTORIES: tuple[str, ...] = (
     "agent.ota.service:create",
     "agent.serial_ext:create",
     "agent.llm_service:create",
+    "agent.diffusion_service:create",
 )
 
 

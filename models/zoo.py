@@ -24,10 +24,14 @@ class ModelRef:
     directory: Path | None
 
 
-def bundled_names() -> list[str]:
+def bundled_names(task: str | None = None) -> list[str]:
+    """Bundled package names, all of them or only those of one task (`detection`, ...)."""
     if not BUNDLED_DIR.is_dir():
         return []
-    return sorted(p.name for p in BUNDLED_DIR.iterdir() if (p / MANIFEST).is_file())
+    names = sorted(p.name for p in BUNDLED_DIR.iterdir() if (p / MANIFEST).is_file())
+    if task is None:
+        return names
+    return [n for n in names if read_manifest(BUNDLED_DIR / n).task == task]
 
 
 def resolve(reference: str | Path) -> ModelRef:
