@@ -10,7 +10,7 @@ from runtimes.errors import EdgeAgentError
 
 # Sub-commands that live beside the feature they drive. Each module has
 # `register(sub)`, which adds its parsers and sets `run=callable(args) -> int` on them.
-COMMAND_MODULES: tuple[str, ...] = ("fleet.cli_package", "fleet.cli_ca")
+COMMAND_MODULES: tuple[str, ...] = ("fleet.cli_package", "fleet.cli_ca", "fleet.cli_fleet")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -14,6 +14,7 @@ from fleet.enrol import EnrolService, enrol_db, refresh_crl, revoke_device
 from fleet.enrol_store import EnrolDenied
 from fleet.home import FleetHome, add_home_arg
 from fleet.mqtt import add_broker_args, connect
+from fleet.registry import Registry
 from provisioning.identity import parse_duration
 
 
@@ -148,6 +149,8 @@ def _revoke(args: argparse.Namespace) -> int:
     except EnrolDenied as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    with Registry(home.registry) as registry:  # deploys and rollouts leave it out from now
+        registry.set_revoked(args.device_id)
     print(
         f"revoked {args.device_id} ({count} certificate(s)); CRL written to {crl}.\n"
         "mosquitto reads the CRL only at start: restart it (systemctl restart mosquitto) "

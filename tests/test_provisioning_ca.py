@@ -20,6 +20,8 @@ from fleet.cli import main as fleet_main
 from fleet.enrol import check_csr, enrol_db, key_fingerprint, revoke_device
 from fleet.enrol_store import EnrolDenied, EnrolStore
 from fleet.home import FleetHome
+from fleet.registry import Registry
+from fleet.rollout import select_devices
 from provisioning.identity import generate_key, make_csr
 
 
@@ -197,6 +199,24 @@ def test_fleet_commands(
     assert fleet_main(["revoke", "--home", str(home), "cam-none"]) == 1
     assert "not enrolled" in capsys.readouterr().err
     assert fleet_main(["ca", "crl", "--home", str(home)]) == 0
+
+
+def test_revoke_marks_the_device_in_the_registry(
+    home: FleetHome, ca: FleetCA, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with enrol_db(home) as store:
+        token = store.create_claims(1, dt.timedelta(hours=1))[0]
+        _enrol(store, ca, token, "cam-1")
+    with Registry(home.registry) as reg:
+        reg.update_status("cam-1", {"status": "online"})
+        reg.update_status("cam-2", {"status": "online"})
+    assert fleet_main(["revoke", "--home", str(home.root), "cam-1"]) == 0
+    with Registry(home.registry) as reg:
+        revoked = {d.id: d.revoked for d in reg.devices()}
+        assert revoked == {"cam-1": True, "cam-2": False}
+        assert [d.id for d in select_devices(reg, "all")] == ["cam-2"]
+    refused = fleet_main(["deploy", "a" * 64, "--device", "cam-1", "--home", str(home.root)])
+    assert refused == 1 and "revoked device(s) cam-1" in capsys.readouterr().err
 
 
 def test_serial_sections_match_the_serial_io_settings() -> None:
