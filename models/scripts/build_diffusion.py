@@ -128,7 +128,7 @@ def build_tokenizer(captions: list[str], out: Path) -> Any:
         if line and not line.startswith("#")
     ]
     shutil.rmtree(tmp)
-    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=MAX_TOKENS)  # type: ignore[arg-type]
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=MAX_TOKENS)  # type: ignore[arg-type, unused-ignore]
 
 
 def build_models(vocab_size: int) -> dict[str, Any]:
@@ -148,7 +148,7 @@ def build_models(vocab_size: int) -> dict[str, Any]:
             eos_token_id=1,
             pad_token_id=1,
             attn_implementation="eager",
-        )  # type: ignore[call-arg]
+        )  # type: ignore[call-arg, unused-ignore]
     )
     vae = AutoencoderKL(
         in_channels=3,
