@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 import cv2
 
 from agent.annotate import draw
+from agent.atomic import write_atomically
 from agent.commands import CommandError, Request
 from agent.config import load_config
 from runtimes.errors import ConfigError
@@ -20,28 +21,6 @@ if TYPE_CHECKING:
     from agent.daemon import Agent
 
 MAX_CONFIG_BYTES = 256 << 10
-
-
-def write_atomically(path: Path, text: str) -> None:
-    """Write `text` to `path` so a reader sees the old file or the new one, never half."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        if path.exists():
-            os.chmod(tmp, path.stat().st_mode & 0o777)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 def register_builtin_commands(agent: Agent) -> None:

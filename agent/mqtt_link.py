@@ -570,7 +570,7 @@ def reconnect_delay(
     return base / 2 + rand() * base / 2
 
 
-class _ClosingSSLSocket(ssl.SSLSocket):
+class ClosingSSLSocket(ssl.SSLSocket):
     """Closes itself when the handshake fails: paho drops the socket without closing it."""
 
     def do_handshake(self, block: bool = False) -> None:
@@ -593,7 +593,7 @@ def _tls_context(mqtt: MqttConfig) -> ssl.SSLContext:
             context.load_cert_chain(str(tls.cert_file), key)
     except (OSError, ssl.SSLError, ValueError) as exc:
         raise LinkError(f"MQTT TLS files (mqtt.tls) cannot be used: {exc}") from exc
-    context.sslsocket_class = _ClosingSSLSocket
+    context.sslsocket_class = ClosingSSLSocket
     return context
 
 

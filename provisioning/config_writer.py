@@ -9,8 +9,9 @@ import os
 import tempfile
 from pathlib import Path
 
+from agent.atomic import fsync_dir
 from agent.config import load_config
-from provisioning.identity import IdentityPaths, ProvisioningError, fsync_dir
+from provisioning.identity import IdentityPaths, ProvisioningError
 
 
 def _q(value: object) -> str:

@@ -19,6 +19,7 @@ from typing import Any
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from agent.atomic import fsync_dir
 from agent.config import load_config
 from provisioning.config_writer import render_config, write_config
 from provisioning.enrol_client import BrokerAddress, RequestClient
@@ -31,7 +32,6 @@ from provisioning.identity import (
     check_device_id,
     check_issued,
     common_name,
-    fsync_dir,
     generate_key,
     key_pem,
     load_cert,

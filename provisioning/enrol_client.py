@@ -23,6 +23,7 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from agent.mqtt_link import ClosingSSLSocket
 from provisioning.identity import EnrolLinkError, EnrolRefused
 
 
@@ -51,17 +52,6 @@ class BrokerAddress:
         return cls(parts.hostname, port)
 
 
-class _ClosingSSLSocket(ssl.SSLSocket):
-    """Closes itself when the handshake fails (paho would drop it unclosed)."""
-
-    def do_handshake(self, block: bool = False) -> None:
-        try:
-            super().do_handshake(block)
-        except BaseException:
-            self.close()
-            raise
-
-
 def tls_context(ca: Path, cert: Path, key: Path) -> ssl.SSLContext:
     try:
         context = ssl.create_default_context(cafile=str(ca))
@@ -74,7 +64,7 @@ def tls_context(ca: Path, cert: Path, key: Path) -> ssl.SSLContext:
         raise EnrolLinkError(
             f"client certificate {cert} / key {key} cannot be used: {exc}"
         ) from None
-    context.sslsocket_class = _ClosingSSLSocket
+    context.sslsocket_class = ClosingSSLSocket
     return context
 
 

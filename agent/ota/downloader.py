@@ -15,9 +15,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from agent.atomic import fsync_dir
 from agent.config import OtaConfig
 from agent.mqtt_inbound import InboundMessage
-from agent.ota.state import OtaError, atomic_write_json, fsync_dir, read_json
+from agent.ota.state import OtaError, atomic_write_json, read_json
 from agent.ota.store import ModelStore
 from agent.outbox import Priority
 from models.package import FileEntry

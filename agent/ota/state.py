@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from enum import Enum
 from pathlib import Path
 from typing import Any
 
+from agent.atomic import write_atomically
 from agent.errors import AgentError
 
 log = logging.getLogger(__name__)
@@ -106,26 +106,8 @@ def transition(record: PipelineOta, to: OtaState, reason: str | None = None) -> 
 
 
 def atomic_write_json(path: Path, data: Any) -> None:
-    """Write JSON to a temp file, fsync it, rename it over `path`, fsync the directory."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    body = json.dumps(data, indent=1, sort_keys=True).encode()
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        os.write(fd, body)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
-
-
-def fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    """Write JSON to `path` crash-safely (temp file, fsync, rename, fsync the directory)."""
+    write_atomically(path, json.dumps(data, indent=1, sort_keys=True), mode=0o644)
 
 
 def read_json(path: Path) -> Any:

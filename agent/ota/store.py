@@ -17,7 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from agent.ota.state import atomic_write_json, fsync_dir, read_json
+from agent.atomic import fsync_dir
+from agent.ota.state import atomic_write_json, read_json
 from models.package import MANIFEST, Manifest
 
 if TYPE_CHECKING:
