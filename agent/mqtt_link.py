@@ -161,6 +161,7 @@ class MqttLink:
         self._subscriptions_live = False
         self._counters = _Counters()
         self._handlers = HandlerTable()
+        self._inline: dict[str, Handler] = {}  # exact topic -> handler on the network thread
         self._events: queue.SimpleQueue[object] = queue.SimpleQueue()
         self._network_done = threading.Event()
         self._deadline: float | None = None
@@ -206,10 +207,22 @@ class MqttLink:
             self._threads.append(thread)
             thread.start()
 
-    def subscribe(self, topic_filter: str, handler: Handler, qos: int = 1) -> None:
-        """Call `handler` for every message matching `topic_filter`; kept across reconnects."""
+    def subscribe(
+        self, topic_filter: str, handler: Handler, qos: int = 1, *, inline: bool = False
+    ) -> None:
+        """Call `handler` for every message matching `topic_filter`; kept across reconnects.
+
+        Handlers run on the link's worker thread. `inline=True` (an exact topic, no
+        wildcards) runs the handler on the network thread instead, saving a thread hop per
+        message: for a handler that only hands the message over (the OTA chunk inbox) and
+        must never block or raise. It alone gets that topic's messages.
+        """
+        if inline and ("+" in topic_filter or "#" in topic_filter):
+            raise ValueError(f"an inline handler needs an exact topic, not {topic_filter!r}")
         with self._lock:
             self._handlers.add(topic_filter, handler, qos)
+            if inline:
+                self._inline[topic_filter] = handler
             live = self._subscriptions_live
         if live:  # otherwise the next CONNACK subscribes everything
             self._client.subscribe(topic_filter, options=SubscribeOptions(qos=qos))
@@ -246,6 +259,32 @@ class MqttLink:
             return None
         self._sender.wake()
         return seq
+
+    def publish_volatile(
+        self,
+        topic: str,
+        payload: bytes | str,
+        *,
+        qos: int = 1,
+        correlation_data: bytes | None = None,
+    ) -> bool:
+        """Hand a message straight to paho, without the outbox: for messages that are
+        worthless after a restart and that their sender repeats itself when unanswered
+        (the OTA downloader's chunk requests). Saves the outbox's SQLite writes (an insert
+        and a delete per message). False when the link is not connected: nothing is queued.
+        """
+        with self._lock:
+            if self._state is not LinkState.CONNECTED:
+                return False
+        props = Properties(PacketTypes.PUBLISH)
+        if correlation_data is not None:
+            props.CorrelationData = correlation_data
+        try:
+            info = self._client.publish(topic, payload, qos, False, props)
+        except ValueError:  # a topic paho will never send
+            log.exception("volatile publish to %r refused", topic)
+            return False
+        return info.rc == MQTTErrorCode.MQTT_ERR_SUCCESS
 
     def status(self) -> LinkStatus:
         """The state, its reason, and the counters."""
@@ -364,6 +403,10 @@ class MqttLink:
             if size > self._mqtt.max_inbound_bytes:
                 counters.oversize += 1
                 self._events.put(_Oversize(message.topic, size))
+                return
+            inline = self._inline.get(message.topic)
+            if inline is not None:  # it alone gets this topic
+                inline(inbound_from_paho(message))
                 return
             if self._events.qsize() >= _MAX_INBOUND_QUEUED:  # handlers are not keeping up
                 counters.inbound_dropped += 1

@@ -160,7 +160,7 @@ def ota_transfer(
     downloader = Downloader(
         link, device, store, config, lambda: link.status().state is LinkState.CONNECTED
     )
-    link.subscribe(f"edge/{device}/blob/data", downloader.on_data)
+    link.subscribe(f"edge/{device}/blob/data", downloader.on_data, inline=True)
     link.start()
     try:
         if not link.wait_for(LinkState.CONNECTED, timeout=10):

@@ -10,7 +10,9 @@ import logging
 import os
 import re
 import shutil
+import stat
 import threading
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +27,7 @@ log = logging.getLogger(__name__)
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 MAX_CHUNK = 4 << 20  # the largest chunk a device may ask for at once
+MAX_RUN = 64  # the most consecutive chunks one request may ask for
 
 
 class BlobStore:
@@ -86,6 +89,16 @@ class BlobStore:
     def has(self, sha256: str) -> bool:
         return bool(_SHA256.match(sha256)) and (self.home.blobs_dir / sha256).is_file()
 
+    def stat(self, sha256: str) -> os.stat_result | None:
+        """The blob file's stat, None when there is no such (regular) file."""
+        if not _SHA256.match(sha256):
+            return None
+        try:
+            st = os.stat(self.home.blobs_dir / sha256)
+        except OSError:
+            return None
+        return st if stat.S_ISREG(st.st_mode) else None
+
     def size(self, sha256: str) -> int:
         return self.blob_path(sha256).stat().st_size
 
@@ -102,6 +115,45 @@ class BlobStore:
             raise PackageError(f"blob {sha256} is not here") from None
 
 
+_ChunkKey = tuple[str, int, int, int, int]  # sha256, offset, length, file inode, mtime (ns)
+
+
+class ChunkCache:
+    """Recently served chunks and their sha256, up to `max_bytes`, least recently used out.
+
+    A blob is named by its sha256 and a rollout asks every device for the same chunks, so
+    after the first device a reply costs neither a read nor a hash. The key holds the
+    file's inode and mtime: a blob file replaced on disk is read (and hashed) afresh."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self._items: OrderedDict[_ChunkKey, tuple[bytes, str]] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def get(self, key: _ChunkKey | None) -> tuple[bytes, str] | None:
+        if key is None:
+            return None
+        with self._lock:
+            item = self._items.get(key)
+            if item is not None:
+                self._items.move_to_end(key)
+            return item
+
+    def put(self, key: _ChunkKey | None, data: bytes, digest: str) -> None:
+        if key is None or len(data) > self.max_bytes:
+            return
+        with self._lock:
+            old = self._items.pop(key, None)
+            if old is not None:
+                self._bytes -= len(old[0])
+            self._items[key] = (data, digest)
+            self._bytes += len(data)
+            while self._bytes > self.max_bytes:
+                _, (dropped, _) = self._items.popitem(last=False)
+                self._bytes -= len(dropped)
+
+
 class BlobServer:
     """Answers `edge/<id>/blob/get` requests from a `BlobStore` (docs/ota-protocol.md).
 
@@ -109,10 +161,17 @@ class BlobServer:
     request. Replies go to the request's response topic, which must lie under the device's
     own tree, or by default to `edge/<id>/blob/data`."""
 
-    def __init__(self, client: FleetClient, store: BlobStore, max_chunk: int = MAX_CHUNK) -> None:
+    def __init__(
+        self,
+        client: FleetClient,
+        store: BlobStore,
+        max_chunk: int = MAX_CHUNK,
+        cache_bytes: int = 64 << 20,
+    ) -> None:
         self.client = client
         self.store = store
         self.max_chunk = max_chunk
+        self.cache = ChunkCache(cache_bytes)
         self._lock = threading.Lock()
         self._stats = {"requests": 0, "bytes": 0, "errors": 0, "ignored": 0}
         self._devices: dict[str, int] = {}
@@ -145,20 +204,39 @@ class BlobServer:
             log.warning("blob request on %s without a response topic of its own", msg.topic)
             return
         corr = msg.correlation_data
-        sha, offset, length, error = self._parse(msg.payload)
-        data = b""
+        sha, offset, length, chunks, error = self._parse(msg.payload)
+        for k in range(chunks):  # a run of consecutive chunks: one reply each
+            if not self._reply(response, corr, device, sha, offset + k * length, length, error):
+                break
+
+    def _reply(
+        self,
+        response: str,
+        corr: bytes | None,
+        device: str,
+        sha: str,
+        offset: int,
+        length: int,
+        error: str | None,
+    ) -> bool:
+        """Publish one chunk (or the error); False when there was nothing to send."""
+        data, digest = b"", ""
         if error is None:
-            if not self.store.has(sha):
+            st = self.store.stat(sha)  # each time: a deleted or replaced blob is not cached
+            key = (sha, offset, length, st.st_ino, st.st_mtime_ns) if st else None
+            if st is None:
                 error = "unknown_blob"
+            elif cached := self.cache.get(key):
+                data, digest = cached
+            elif offset > st.st_size or (offset == st.st_size and st.st_size > 0):
+                error = "bad_range"
             else:
-                size = self.store.size(sha)
-                if offset > size or (offset == size and size > 0):
-                    error = "bad_range"
-                else:
-                    data = self.store.read(sha, offset, length)
+                data = self.store.read(sha, offset, length)
+                digest = hashlib.sha256(data).hexdigest()
+                self.cache.put(key, data, digest)
         props = {"sha256": sha, "offset": str(offset), "length": str(len(data))}
         if error is None:
-            props["chunk_sha256"] = hashlib.sha256(data).hexdigest()
+            props["chunk_sha256"] = digest
             with self._lock:
                 self._stats["requests"] += 1
                 self._stats["bytes"] += len(data)
@@ -173,19 +251,26 @@ class BlobServer:
             )
         except Exception:
             log.exception("blob reply to %s failed", response)
+            return False
+        return error is None and len(data) == length
 
-    def _parse(self, payload: bytes) -> tuple[str, int, int, str | None]:
+    def _parse(self, payload: bytes) -> tuple[str, int, int, int, str | None]:
+        """(sha256, offset, length, chunks, error) of a request; on an error, chunks is 1
+        (one error reply)."""
         try:
             body = json.loads(payload)
         except (UnicodeDecodeError, json.JSONDecodeError):
-            return "", 0, 0, "bad_request"
+            return "", 0, 0, 1, "bad_request"
         if not isinstance(body, dict):
-            return "", 0, 0, "bad_request"
+            return "", 0, 0, 1, "bad_request"
         sha = body.get("sha256")
         offset = body.get("offset")
         length = body.get("length")
+        chunks = body.get("chunks", 1)
         if not isinstance(sha, str) or not _SHA256.match(sha):
-            return str(sha)[:64], 0, 0, "bad_request"
+            return str(sha)[:64], 0, 0, 1, "bad_request"
+        if not isinstance(chunks, int) or isinstance(chunks, bool) or not 0 < chunks <= MAX_RUN:
+            return sha, 0, 0, 1, "bad_request"
         if (
             not isinstance(offset, int)
             or not isinstance(length, int)
@@ -194,5 +279,5 @@ class BlobServer:
             or offset < 0
             or not 0 < length <= self.max_chunk
         ):
-            return sha, 0, 0, "bad_range"
-        return sha, offset, length, None
+            return sha, 0, 0, 1, "bad_range"
+        return sha, offset, length, chunks, None

@@ -27,14 +27,22 @@ class Controller:
 
     def __init__(self, blobs: dict[str, bytes]) -> None:
         self.blobs = blobs
-        self.requests: list[tuple[int, int]] = []
+        self.requests: list[tuple[int, int]] = []  # (offset, length) of each chunk asked for
+        self.messages = 0  # request messages (a run of chunks is one)
         self.downloader: Downloader | None = None
         self.tamper: Callable[[int, bytes], bytes | None] = lambda _i, data: data
         self.duplicate: set[int] = set()  # chunks whose reply comes twice (QoS 1 redelivery)
 
-    def publish(self, topic: str, payload: bytes | str, **kw: Any) -> int:
+    def publish_volatile(self, topic: str, payload: bytes | str, **kw: Any) -> bool:
         body = json.loads(payload)
         sha, offset, length = body["sha256"], body["offset"], body["length"]
+        self.messages += 1
+        for k in range(body.get("chunks", 1)):
+            if not self._answer(topic, sha, offset + k * length, length, kw):
+                break
+        return True
+
+    def _answer(self, topic: str, sha: str, offset: int, length: int, kw: Any) -> bool:
         self.requests.append((offset, length))
         blob = self.blobs[sha]
         props = {"sha256": sha, "offset": str(offset)}
@@ -58,7 +66,7 @@ class Controller:
                     user_properties=tuple(props.items()),
                 )
             )
-        return 1
+        return len(data) == length
 
 
 def setup(tmp_path: Path, data: bytes, **cfg: Any) -> tuple[Controller, Downloader, FileEntry]:
@@ -93,6 +101,15 @@ def test_fetches_checks_and_resumes(tmp_path: Path) -> None:
     assert not list((tmp_path / "models/downloads").iterdir())
     dl2.fetch([entry], lambda *_a: None, lambda: False)  # complete already: nothing asked
     assert len(ctl2.requests) == 26 - len(have)
+
+
+def test_asks_for_runs_of_chunks(tmp_path: Path) -> None:
+    data = os.urandom(40 * CHUNK + 7)
+    ctl, dl, entry = setup(tmp_path, data)  # window 4: runs of up to 2-4 chunks
+    dl.fetch([entry], lambda *_a: None, lambda: False)
+    assert (tmp_path / "models/blobs" / entry.sha256).read_bytes() == data
+    assert sorted(o for o, _ in ctl.requests) == [i * CHUNK for i in range(41)]
+    assert ctl.messages <= 21 and dl.stats.retries == 0
 
 
 def test_bad_chunks_are_asked_again_and_duplicates_counted(tmp_path: Path) -> None:
@@ -133,3 +150,18 @@ def test_truncated_and_tampered_files_are_refused(tmp_path: Path) -> None:
     ctl.tamper = lambda _i, _d: None
     with pytest.raises(OtaError, match=r"^transfer: no data for 0.5 s"):
         dl.fetch([entry], lambda *_a: None, lambda: False)
+
+
+def test_part_file_cut_behind_our_back_is_fetched_again(tmp_path: Path) -> None:
+    data = os.urandom(20 * CHUNK)
+    _ctl, dl, entry = setup(tmp_path, data)
+    seen: list[int] = []
+    with pytest.raises(Cancelled):
+        dl.fetch([entry], lambda held, _t, _n: seen.append(held), lambda: len(seen) > 10)
+    part = tmp_path / "models/downloads" / f"{entry.sha256}.part"
+    assert len(json.loads(part.with_name(part.name + ".json").read_text())["have"]) >= 4
+    os.truncate(part, CHUNK)  # the sidecar now claims chunks the file does not hold
+    ctl2, dl2, _ = setup(tmp_path, data)
+    dl2.fetch([entry], lambda *_a: None, lambda: False)
+    assert (tmp_path / "models/blobs" / entry.sha256).read_bytes() == data
+    assert sorted(o for o, _ in ctl2.requests) == [i * CHUNK for i in range(20)]

@@ -5,12 +5,12 @@ window of requests outstanding, each chunk checked, `.part` files with a sidecar
 from __future__ import annotations
 
 import hashlib
+import itertools
 import logging
 import os
 import queue
 import threading
 import time
-import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -20,32 +20,34 @@ from agent.config import OtaConfig
 from agent.mqtt_inbound import InboundMessage
 from agent.ota.state import OtaError, atomic_write_json, read_json
 from agent.ota.store import ModelStore
-from agent.outbox import Priority
 from models.package import FileEntry
 
 log = logging.getLogger(__name__)
 
 _SIDECAR_EVERY_S = 0.5  # the sidecar (chunks held) is synced at least this often...
 _SIDECAR_EVERY_CHUNKS = 8  # ...and after this many new chunks
+_MAX_RUN = 64  # chunks one request asks for at most (the controller's MAX_RUN)
 
 
 class Cancelled(Exception):
     """The download was stopped (agent stopping or a newer target)."""
 
 
+class _CorruptPart(OtaError):
+    """A `.part` file holds less than its sidecar says (changed behind our back)."""
+
+
 class Publisher(Protocol):
     """What the downloader needs of the link (MqttLink fits)."""
 
-    def publish(
+    def publish_volatile(
         self,
         topic: str,
         payload: bytes | str,
         *,
         qos: int = 1,
-        retain: bool = False,
-        priority: Priority = Priority.EVENT,
         correlation_data: bytes | None = None,
-    ) -> int | None: ...
+    ) -> bool: ...
 
 
 @dataclass
@@ -67,9 +69,11 @@ class _Request:
 class PartFile:
     """One file being fetched: `<sha>.part` and its sidecar `<sha>.part.json`.
 
-    Two helper threads keep work off the receiving thread (both release the GIL): one syncs
-    the sidecar (fdatasync first; it lists only chunks written before the sync began), one
-    hashes the file as its contiguous prefix grows, so `digest()` at the end is cheap.
+    The whole file's sha256 follows the contiguous prefix of held chunks as it grows, fed
+    from the chunk bytes as they are written (in-order arrival, the usual case, reads
+    nothing back; a chunk that came early is read back once the gap before it fills), so
+    `digest()` at the end is cheap. A helper thread syncs the sidecar now and then, off the
+    receiving thread: fdatasync first, and it lists only chunks written before the sync.
     """
 
     def __init__(self, store: ModelStore, entry: FileEntry, chunk: int) -> None:
@@ -92,21 +96,28 @@ class PartFile:
         self.have = {i for i in have if 0 <= i < self.count}
         self.held = sum(self.length(i) for i in self.have)
         self.fd = os.open(self.part, os.O_RDWR | os.O_CREAT, 0o644)
-        if not have:
+        if self.have and os.fstat(self.fd).st_size != entry.size:
+            log.warning(
+                "%s is not the size it was created with: its chunks are fetched again",
+                self.part.name,
+            )
+            self.have, self.held = set(), 0
+        if not self.have:
             os.ftruncate(self.fd, entry.size)
         self._hash = hashlib.sha256()
         self._hashed = 0  # bytes [0, _hashed) of the file are in _hash
         self._prefix = 0  # chunks [0, _prefix) are all held
-        self._advance_prefix()
-        self._more = threading.Event()
-        self._closing = False
-        self._hash_error: OSError | None = None
-        self._hasher = threading.Thread(target=self._hash_prefix, name="ota-hash", daemon=True)
-        self._hasher.start()
+        while self._prefix in self.have:  # held from an earlier run: hashed when needed
+            self._prefix += 1
         self._unsynced = 0
         self._synced_at = time.monotonic()
-        self._syncer: threading.Thread | None = None
+        self._sync_snapshot: list[int] | None = None  # chunks held, for the syncer to record
+        self._sync_lock = threading.Lock()
+        self._sync_wanted = threading.Event()
+        self._closing = False
         self._sync_error: OSError | None = None
+        self._syncer = threading.Thread(target=self._sync_loop, name="ota-sync", daemon=True)
+        self._syncer.start()
 
     def length(self, index: int) -> int:
         return min(self.chunk, self.entry.size - index * self.chunk)
@@ -119,49 +130,52 @@ class PartFile:
         self.have.add(index)
         self.held += len(data)
         if index == self._prefix:
-            self._advance_prefix()
-            self._more.set()
+            self._hash_to(index * self.chunk)  # chunks held from an earlier run
+            self._hash.update(data)
+            self._hashed += len(data)
+            self._prefix += 1
+            while self._prefix in self.have:
+                self._prefix += 1
+            self._hash_to(min(self._prefix * self.chunk, self.entry.size))  # early arrivals
         self._unsynced += 1
         if self._unsynced >= _SIDECAR_EVERY_CHUNKS or (
             time.monotonic() - self._synced_at >= _SIDECAR_EVERY_S
         ):
-            self._sync_in_background()
+            self._want_sync()
 
-    def _advance_prefix(self) -> None:
-        while self._prefix in self.have:
-            self._prefix += 1
+    def _hash_to(self, limit: int) -> None:
+        """Feed the file's bytes [_hashed, limit) to the whole-file hash, read back."""
+        while self._hashed < limit:
+            block = os.pread(self.fd, min(1 << 20, limit - self._hashed), self._hashed)
+            if not block:
+                raise _CorruptPart(
+                    f"transfer: {self.part.name} is shorter than its sidecar says; "
+                    "it is fetched again from the start"
+                )
+            self._hash.update(block)
+            self._hashed += len(block)
 
-    def _hash_prefix(self) -> None:
-        """Hash the file up to the end of its contiguous prefix, following it as it grows."""
-        try:
-            while True:
-                limit = min(self._prefix * self.chunk, self.entry.size)
-                if self._hashed < limit:
-                    block = os.pread(self.fd, min(1 << 20, limit - self._hashed), self._hashed)
-                    if not block:
-                        return
-                    self._hash.update(block)
-                    self._hashed += len(block)
-                    continue
-                if self._closing:
-                    return
-                self._more.wait(0.5)
-                self._more.clear()
-        except OSError as exc:
-            self._hash_error = exc
-
-    def _sync_in_background(self) -> None:
-        if self._syncer is not None and self._syncer.is_alive():
-            return  # one at a time; the next write tries again
+    def _want_sync(self) -> None:
+        """Hand the syncer the chunks written so far; it records the newest set it was given."""
         if self._sync_error is not None:
             raise OtaError(f"transfer: cannot write {self.part}: {self._sync_error}")
-        have = sorted(self.have)  # every chunk in it is already written
+        snapshot = sorted(self.have)  # every chunk in it is already written
+        with self._sync_lock:
+            self._sync_snapshot = snapshot
         self._unsynced = 0
         self._synced_at = time.monotonic()
-        self._syncer = threading.Thread(
-            target=self._sync, args=(have,), name="ota-sync", daemon=True
-        )
-        self._syncer.start()
+        self._sync_wanted.set()
+
+    def _sync_loop(self) -> None:
+        while True:
+            self._sync_wanted.wait()
+            self._sync_wanted.clear()
+            with self._sync_lock:
+                snapshot, self._sync_snapshot = self._sync_snapshot, None
+            if snapshot is not None and self._sync_error is None:
+                self._sync(snapshot)
+            if self._closing:
+                return
 
     def _sync(self, have: list[int]) -> None:
         """Data first, then the record of what is held: a crash never claims unwritten bytes."""
@@ -182,21 +196,19 @@ class PartFile:
     def close(self) -> None:
         try:
             self._closing = True
-            self._more.set()
-            self._hasher.join()
-            if self._syncer is not None:
-                self._syncer.join()
-            if self._unsynced:
+            self._sync_wanted.set()
+            self._syncer.join()
+            if self._unsynced or self._sync_error is not None:
+                self._sync_error = None
                 self._sync(sorted(self.have))
         finally:
             os.close(self.fd)
 
     def digest(self) -> str:
-        """The whole file's sha256 (after close): what the hasher did not reach is read now."""
-        start = 0 if self._hash_error is not None else self._hashed
-        hasher = self._hash.copy() if start else hashlib.sha256()
+        """The whole file's sha256 (after close): what the prefix hash did not reach is read."""
+        hasher = self._hash.copy()
         with self.part.open("rb") as fh:
-            fh.seek(start)
+            fh.seek(self._hashed)
             for block in iter(lambda: fh.read(1 << 20), b""):
                 hasher.update(block)
         return hasher.hexdigest()
@@ -233,6 +245,8 @@ class Downloader:
         self.stats = TransferStats()
         self._inbox: queue.SimpleQueue[InboundMessage] = queue.SimpleQueue()
         self._lock = threading.Lock()
+        # Correlation data of requests: unique enough to tell replies apart in a trace.
+        self._nonce = itertools.count(int.from_bytes(os.urandom(4), "big"))
 
     def on_data(self, message: InboundMessage) -> None:
         self._inbox.put(message)
@@ -283,8 +297,8 @@ class Downloader:
                 fetch_file(part, report, cancelled)
             except OtaError as exc:
                 part.close()
-                if exc.reason.startswith("truncated"):
-                    part.discard()  # the controller's copy is bad: nothing here to keep
+                if exc.reason.startswith("truncated") or isinstance(exc, _CorruptPart):
+                    part.discard()  # the controller's copy, or ours, is bad: nothing to keep
                 raise
             except BaseException:
                 part.close()
@@ -312,16 +326,31 @@ class Downloader:
         outstanding: dict[int, _Request] = {}
         last_chunk = time.monotonic()
         cfg = self.config
+        batch = max(1, cfg.window // 2)
+        was_online = True
         while missing or outstanding:
             if cancelled():
                 raise Cancelled()
             now = time.monotonic()
             online = self.connected()
-            while missing and len(outstanding) < cfg.window:
-                index = missing.pop()
-                self._request(part, index)
-                outstanding[index] = _Request(index, now)
-            if not online:  # requests wait in the outbox; nothing is late while offline
+            if online and not was_online:  # requests are not queued while offline: ask again
+                for req in outstanding.values():
+                    self._request(part, req.index)
+            was_online = online
+            # Runs of consecutive chunks, one request each, sent once half the window is
+            # free: a quarter of the requests (and of their cost on both ends) of one per
+            # chunk, with at least half the window still in flight.
+            while missing and cfg.window - len(outstanding) >= min(batch, len(missing)):
+                first = missing.pop()
+                count = 1
+                room = min(cfg.window - len(outstanding), _MAX_RUN)
+                while missing and count < room and missing[-1] == first + count:
+                    missing.pop()
+                    count += 1
+                self._request(part, first, count)
+                for index in range(first, first + count):
+                    outstanding[index] = _Request(index, now)
+            if not online:  # nothing is late while offline
                 last_chunk = now
                 for req in outstanding.values():
                     req.sent_at = now
@@ -348,15 +377,18 @@ class Downloader:
                 missing.remove(got)
             report(part.held_bytes())
 
-    def _request(self, part: PartFile, index: int) -> None:
+    def _request(self, part: PartFile, index: int, count: int = 1) -> None:
+        """Ask for chunks [index, index + count): one reply per chunk."""
+        runs = f',"chunks":{count}' if count > 1 else ""
+        length = part.chunk if count > 1 else part.length(index)
         body = (
             f'{{"sha256":"{part.entry.sha256}","offset":{index * part.chunk},'
-            f'"length":{part.length(index)}}}'
+            f'"length":{length}{runs}}}'
         )
-        corr = f"{part.entry.sha256[:16]}:{index}:{uuid.uuid4().hex[:8]}".encode()
-        self.link.publish(
-            self.request_topic, body, qos=1, priority=Priority.CONTROL, correlation_data=corr
-        )
+        corr = f"{part.entry.sha256[:16]}:{index}:{next(self._nonce):x}".encode()
+        # Not through the outbox: a request lost to a disconnect or a restart is asked
+        # again (on reconnect, after request_timeout_s, or from the sidecar on start).
+        self.link.publish_volatile(self.request_topic, body, qos=0, correlation_data=corr)
 
     def _accept(self, part: PartFile, msg: InboundMessage) -> int | None:
         """Write a reply's chunk if it is one we lack and it checks out; its index, else None."""

@@ -123,7 +123,7 @@ class OtaService:
 
     def start(self) -> None:
         link = self.agent.link
-        link.subscribe(self.agent.topic("blob/data"), self.downloader.on_data)
+        link.subscribe(self.agent.topic("blob/data"), self.downloader.on_data, inline=True)
         link.subscribe(self.agent.topic("desired"), self._on_desired)
         self._thread = threading.Thread(target=self._run, name="ota", daemon=True)
         self._thread.start()

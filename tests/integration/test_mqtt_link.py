@@ -396,3 +396,27 @@ def test_stop_names_the_thread_that_did_not_stop(broker, make_link, observers):
     fleet.next(is_status("offline"))  # the rest still shut down cleanly
     release.set()
     assert link.stop(timeout=2.0) == []  # and a second stop() finds it done
+
+
+def test_inline_handler_and_volatile_publish(broker, make_link, observers):
+    """An inline handler gets its exact topic on the network thread; a volatile publish
+    goes out without the outbox while connected and is refused (False) otherwise."""
+    got: list[tuple[bytes, str]] = []
+    fleet = observers(broker, [STATUS, "edge/dev-1/blob/get"])
+    link, outbox = make_link(broker, start=False)
+    with pytest.raises(ValueError, match="exact topic"):
+        link.subscribe("edge/dev-1/blob/+", got.append, inline=True)
+    link.subscribe(
+        "edge/dev-1/blob/data",
+        lambda m: got.append((m.payload, threading.current_thread().name)),
+        inline=True,
+    )
+    assert link.publish_volatile("edge/dev-1/blob/get", b"early") is False  # not connected
+    link.start()
+    fleet.next(is_status("online"))
+    fleet.publish("edge/dev-1/blob/data", b"chunk")
+    wait_until(lambda: got == [(b"chunk", "mqtt-network")], what="inline delivery")
+    assert link.publish_volatile("edge/dev-1/blob/get", b"ask", qos=0, correlation_data=b"c1")
+    request = fleet.next(lambda m: m.topic == "edge/dev-1/blob/get")
+    assert request.payload == b"ask" and request.correlation_data == b"c1"
+    assert outbox.stats().last_seq == 0  # nothing went through the outbox

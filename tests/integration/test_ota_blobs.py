@@ -92,4 +92,18 @@ def test_server_answers_chunks_and_errors(
         stats = server.stats()
         assert stats["requests"] == 3 and stats["bytes"] == 4116 and stats["errors"] == 4
         assert stats["ignored"] == 1 and stats["devices"] == {"dev-1": 4116}
+        # a run of chunks: one reply each, the last one short at the end of the file
+        start = len(data) - 2 * 4096 - 100
+        ask({"sha256": sha, "offset": start, "length": 4096, "chunks": 5}, b"run")
+        replies = [device.next(lambda m: m.correlation_data == b"run") for _ in range(3)]
+        assert [int(r.user_properties["offset"]) for r in replies] == [
+            start,
+            start + 4096,
+            start + 8192,
+        ]
+        assert b"".join(r.payload for r in replies) == data[start:]
+        for bad in (0, 65, True, "2"):
+            ask({"sha256": sha, "offset": 0, "length": 10, "chunks": bad}, b"bad-run")
+            refused = device.next(lambda m: m.correlation_data == b"bad-run")
+            assert refused.user_properties["error"] == "bad_request", bad
         server.stop()
