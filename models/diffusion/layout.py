@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ from runtimes.registry import load
 REQUIRED = ("text_encoder", "unet", "vae_decoder")
 OPTIONAL = ("adapter",)
 MODEL_FILES = ("model.onnx", "model.tflite")
+IO_MAP = "tflite_io.json"  # beside a converted model.tflite: names and transposes (see Component)
 LAYOUT_HINT = (
     "a Stable-Diffusion export has text_encoder/, unet/, vae_decoder/ (model.onnx or "
     "model.tflite each), tokenizer/ and scheduler/scheduler_config.json"
@@ -126,15 +128,55 @@ class Component:
     """One component's runtime, fed by input name; casts to the dtypes the model declares.
 
     Models whose tensor names differ (a converted TFLite file) are fed in the order of
-    `names`, the names optimum gives these inputs.
+    `names`, the names optimum gives these inputs. A TFLite file converted by onnx2tf has
+    its tensors channel-last and renamed: `tflite_io.json` beside it (written by
+    models/scripts/build_diffusion_tflite.py) gives, for each TFLite input, the ONNX name
+    and the transpose from the ONNX layout, and for each ONNX output the TFLite output and
+    the transpose back. With it, `inputs` and `run` speak ONNX names and layouts, and a
+    model fixed at batch B runs any batch in slices of B rows (the last padded).
     """
 
     def __init__(self, name: str, path: Path, options: RuntimeOptions) -> None:
         self.name = name
         self.path = path
         self.runtime: Runtime = load(path, options=options)
-        self.inputs: list[TensorInfo] = self.runtime.inputs()
+        self._in_perms: list[list[int] | None] = []
+        self._outs: list[tuple[int, list[int] | None]] = []
+        self._batch: int | None = None  # the fixed batch of a mapped TFLite model
+        mapping = path.with_name(IO_MAP)
+        raw = self.runtime.inputs()
+        if path.suffix == ".tflite" and mapping.is_file():
+            self.inputs = self._read_map(mapping, raw)
+        else:
+            self.inputs = raw
         self.input_names = [i.name for i in self.inputs]
+
+    def _read_map(self, mapping: Path, raw: list[TensorInfo]) -> list[TensorInfo]:
+        data = _json(mapping)
+        ins, outs = data.get("inputs"), data.get("outputs")
+        n_out = len(self.runtime.outputs())
+        try:
+            if not isinstance(ins, list) or not isinstance(outs, list) or len(ins) != len(raw):
+                raise ValueError(f"{len(raw)} inputs and a list of outputs expected")
+            infos = []
+            for entry, info in zip(ins, raw):
+                perm = [int(v) for v in entry["perm"]]
+                if sorted(perm) != list(range(len(info.shape))):
+                    raise ValueError(f"{entry['name']}: perm {perm} for shape {info.shape}")
+                inverse = np.argsort(perm)
+                shape = tuple(info.shape[k] for k in inverse)
+                infos.append(dataclasses.replace(info, name=str(entry["name"]), shape=shape))
+                self._in_perms.append(None if perm == sorted(perm) else perm)
+            for entry in outs:
+                index, perm = int(entry["index"]), [int(v) for v in entry["perm"]]
+                if not 0 <= index < n_out:
+                    raise ValueError(f"output index {index} of {n_out}")
+                self._outs.append((index, None if perm == sorted(perm) else perm))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise PackageError(f"{mapping}: not a valid TFLite I/O map: {exc}") from exc
+        batches = {i.shape[0] if i.shape else None for i in raw}
+        self._batch = batches.pop() if len(batches) == 1 else None
+        return infos
 
     def info(self, name: str) -> TensorInfo | None:
         return next((i for i in self.inputs if i.name == name), None)
@@ -153,7 +195,32 @@ class Component:
             a if a.dtype == info.dtype else a.astype(info.dtype)
             for a, info in zip(arrays, self.inputs)
         ]
-        return self.runtime.run(cast)
+        if not self._outs:
+            return self.runtime.run(cast)
+        size = self._batch
+        batch = cast[0].shape[0] if cast and cast[0].ndim else 0
+        if not size or batch == size or not all(a.ndim and a.shape[0] == batch for a in cast):
+            return self._run_mapped(cast)
+        # Fixed at `size` rows: run slices of it, the last one padded with its own last row.
+        parts = []
+        for start in range(0, batch, size):
+            rows = [a[start : start + size] for a in cast]
+            short = size - rows[0].shape[0]
+            if short:
+                rows = [np.concatenate([r, np.repeat(r[-1:], short, axis=0)]) for r in rows]
+            parts.append([o[: size - short] for o in self._run_mapped(rows)])
+        return [np.concatenate(outs) for outs in zip(*parts)]
+
+    def _run_mapped(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
+        moved = [
+            a if perm is None else np.ascontiguousarray(a.transpose(perm))
+            for a, perm in zip(arrays, self._in_perms)
+        ]
+        got = self.runtime.run(moved)
+        return [
+            got[index] if perm is None else np.ascontiguousarray(got[index].transpose(perm))
+            for index, perm in self._outs
+        ]
 
     def close(self) -> None:
         self.runtime.close()
