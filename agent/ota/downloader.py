@@ -114,6 +114,7 @@ class PartFile:
         self._sync_snapshot: list[int] | None = None  # chunks held, for the syncer to record
         self._sync_lock = threading.Lock()
         self._sync_wanted = threading.Event()
+        self._syncing = False
         self._closing = False
         self._sync_error: OSError | None = None
         self._syncer = threading.Thread(target=self._sync_loop, name="ota-sync", daemon=True)
@@ -156,9 +157,12 @@ class PartFile:
             self._hashed += len(block)
 
     def _want_sync(self) -> None:
-        """Hand the syncer the chunks written so far; it records the newest set it was given."""
+        """Hand the syncer the chunks written so far, unless it is still busy with the last
+        set (then the next write asks again)."""
         if self._sync_error is not None:
             raise OtaError(f"transfer: cannot write {self.part}: {self._sync_error}")
+        if self._sync_wanted.is_set() or self._syncing:
+            return
         snapshot = sorted(self.have)  # every chunk in it is already written
         with self._sync_lock:
             self._sync_snapshot = snapshot
@@ -173,7 +177,9 @@ class PartFile:
             with self._sync_lock:
                 snapshot, self._sync_snapshot = self._sync_snapshot, None
             if snapshot is not None and self._sync_error is None:
+                self._syncing = True
                 self._sync(snapshot)
+                self._syncing = False
             if self._closing:
                 return
 
