@@ -113,10 +113,13 @@ LIVE_SYSTEMD=0
 
 VENV=$ROOT/opt/edge-agent
 UNIT=$ROOT/etc/systemd/system/edge-agent.service
+RENEW_SERVICE=$ROOT/etc/systemd/system/edge-agent-renew.service
+RENEW_TIMER=$ROOT/etc/systemd/system/edge-agent-renew.timer
 TMPFILES=$ROOT/etc/tmpfiles.d/edge-agent.conf
 SYSUSERS=$ROOT/etc/sysusers.d/edge-agent.conf
 CONFIG=$ROOT/etc/edge-agent/agent.toml
 DOC=$VENV/share/doc/edge-agent/systemd.md
+PROVISIONING_DOC=$VENV/share/doc/edge-agent/provisioning.md
 ROOT_ARG=()
 [[ -n $ROOT ]] && ROOT_ARG=(--root "$ROOT")
 
@@ -163,6 +166,12 @@ install_file "$SCRIPT_DIR/edge-agent.service" "$UNIT" 0644
 install_file "$SCRIPT_DIR/edge-agent.tmpfiles" "$TMPFILES" 0644
 install_file "$SCRIPT_DIR/edge-agent.sysusers" "$SYSUSERS" 0644
 install_file "$SCRIPT_DIR/README.md" "$DOC" 0644
+# The certificate renewal (for provisioned devices; enabled by hand, see Next steps).
+install_file "$SCRIPT_DIR/edge-agent-renew.service" "$RENEW_SERVICE" 0644
+install_file "$SCRIPT_DIR/edge-agent-renew.timer" "$RENEW_TIMER" 0644
+if [[ -f $SCRIPT_DIR/../docs/provisioning.md ]]; then
+    install_file "$SCRIPT_DIR/../docs/provisioning.md" "$PROVISIONING_DOC" 0644
+fi
 
 # --- 3. The user, the config, the directories ------------------------------------------
 # Owners need root: without it (a --prefix test run) the files are installed and these
@@ -242,3 +251,5 @@ else
 fi
 say "  3. Logs:   journalctl -u edge-agent -f"
 say "     Status: systemctl status edge-agent   (watchdog: systemctl show edge-agent -p WatchdogUSec -p WatchdogTimestamp)"
+say "  4. Once the device is provisioned (edge-agent provision), renew its certificate"
+say "     before it expires: sudo systemctl enable --now edge-agent-renew.timer"

@@ -358,6 +358,8 @@ def test_dry_run_plans_every_step_and_changes_nothing(tmp_path: Path) -> None:
         ("edge-agent.service", "etc/systemd/system/edge-agent.service", "0644"),
         ("edge-agent.tmpfiles", "etc/tmpfiles.d/edge-agent.conf", "0644"),
         ("edge-agent.sysusers", "etc/sysusers.d/edge-agent.conf", "0644"),
+        ("edge-agent-renew.service", "etc/systemd/system/edge-agent-renew.service", "0644"),
+        ("edge-agent-renew.timer", "etc/systemd/system/edge-agent-renew.timer", "0644"),
         ("agent.example.toml", "etc/edge-agent/agent.toml", "0640"),
     ):
         command = installed[str(prefix / dst)]
@@ -369,6 +371,7 @@ def test_dry_run_plans_every_step_and_changes_nothing(tmp_path: Path) -> None:
         assert [*tmpfiles, str(prefix / TMPFILES_REL)] in plan
     assert not any(c[0] == "systemctl" for c in plan)  # never under a prefix
     assert "Next steps" in result.stdout
+    assert "systemctl enable --now edge-agent-renew.timer" in result.stdout
 
 
 def test_dry_run_keeps_an_existing_config(tmp_path: Path) -> None:
@@ -412,13 +415,18 @@ def test_files_only_install_is_idempotent(tmp_path: Path) -> None:
     assert config.read_text() == (SYSTEMD / "agent.example.toml").read_text()
     assert stat.S_IMODE(config.stat().st_mode) == 0o640
     assert (prefix / "opt/edge-agent/share/doc/edge-agent/systemd.md").is_file()
+    docs = prefix / "opt/edge-agent/share/doc/edge-agent"
+    assert (docs / "provisioning.md").read_text() == (ROOT / "docs/provisioning.md").read_text()
+    timer = prefix / "etc/systemd/system/edge-agent-renew.timer"
+    assert timer.read_text() == (SYSTEMD / "edge-agent-renew.timer").read_text()
     if os.geteuid() == 0 and shutil.which("systemd-tmpfiles"):
         assert stat.S_IMODE((prefix / "var/lib/edge-agent").stat().st_mode) == 0o750
     config.write_text("# edited\n")
     second = run_install("--files-only", "--prefix", str(prefix))
     assert second.returncode == 0, second.stdout + second.stderr
     assert not any(c[0] == "install" for c in planned(second.stdout))
-    assert second.stdout.count("unchanged: ") == 4
+    # the unit, tmpfiles, sysusers, the two docs, the renewal service and timer
+    assert second.stdout.count("unchanged: ") == 7
     assert config.read_text() == "# edited\n"
 
 
