@@ -21,8 +21,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _tags_after_the_device(argv: list[str]) -> list[str]:
+    """`edge-fleet tag ID -north`: a -TAG is a tag to remove, not an option. Put `--` in
+    front of the positionals so that argparse does not read them as options."""
+    if not argv or argv[0] != "tag" or "--" in argv:
+        return argv
+    options: list[str] = []
+    positionals: list[str] = []
+    rest = iter(argv[1:])
+    for token in rest:
+        if token in ("-h", "--help") or token.startswith("--home="):
+            options.append(token)
+        elif token == "--home":
+            options += [token, next(rest, "")]
+        else:
+            positionals.append(token)
+    return ["tag", *options, "--", *positionals]
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(_tags_after_the_device(argv))
     try:
         return int(args.run(args))
     except KeyboardInterrupt:

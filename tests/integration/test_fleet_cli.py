@@ -189,3 +189,26 @@ def test_registry_fills_from_a_real_agent_and_deploy_signs(
         log, _ = serve.communicate(timeout=15)
     assert serve.returncode == 0, log
     assert f"device {DEVICE} is online" in log
+
+
+def test_tag_sets_adds_and_removes(tmp_path: Path) -> None:
+    from fleet.registry import Registry
+
+    home = fleet_home(tmp_path / "home")
+    with Registry(home.registry) as registry:
+        registry.update_status(DEVICE, {"status": "online"})
+
+    def tags(*args: str) -> str:
+        done = fleet("tag", DEVICE, *args, home=home)
+        assert done.returncode == 0, done.stderr
+        return done.stdout.strip()
+
+    assert tags("lobby", "north") == f"{DEVICE}: lobby, north"
+    assert tags("+canary") == f"{DEVICE}: canary, lobby, north"
+    assert tags("-north") == f"{DEVICE}: canary, lobby"  # no `--` needed before -TAG
+    assert tags("-canary", "+east") == f"{DEVICE}: east, lobby"
+    with Registry(home.registry) as registry:
+        device = registry.device(DEVICE)
+        assert device is not None and device.tags == ["east", "lobby"]
+    unknown = fleet("tag", "nobody", "-x", home=home)
+    assert unknown.returncode == 1 and "unknown device 'nobody'" in unknown.stderr
