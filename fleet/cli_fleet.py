@@ -25,7 +25,7 @@ from fleet.deploy import (
 from fleet.home import FleetHome, add_home_arg
 from fleet.mqtt import FleetClient, FleetLinkError, Message, add_broker_args, connect
 from fleet.registry import Registry
-from fleet.rollout import RolloutDriver, create_rollout, parse_stages
+from fleet.rollout import LEASE_S, RolloutDriver, create_rollout, parse_stages
 
 Sub = argparse._SubParsersAction
 
@@ -406,10 +406,19 @@ def _rollout_start(args: argparse.Namespace) -> int:
 
 def _rollout_resume(args: argparse.Namespace) -> int:
     home, registry = _registry(args)
-    with registry, connect(args) as client:
-        registry.rollout(args.id)
-        registry.set_rollout(args.id, heartbeat=time.time())
-        return _drive(client, home, registry, args.id)
+    with registry:
+        r = registry.rollout(args.id)
+        if r["state"] != "running":
+            raise DeployError(f"rollout {args.id} is {r['state']}: nothing to resume")
+        if not registry.claim_rollout(args.id, LEASE_S):
+            age = time.time() - (r["heartbeat"] or 0.0)
+            raise DeployError(
+                f"rollout {args.id} has a driver (its heartbeat is {age:.0f} s old: "
+                f"`edge-fleet serve` or another `rollout start|resume`); it can be taken "
+                f"over {LEASE_S:.0f} s after that driver stops"
+            )
+        with connect(args) as client:
+            return _drive(client, home, registry, args.id)
 
 
 def _rollout_status(args: argparse.Namespace) -> int:

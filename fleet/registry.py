@@ -289,6 +289,18 @@ class Registry:
             (*values.values(), time.time(), rollout_id),
         )
 
+    def claim_rollout(self, rollout_id: int, lease_s: float, now: float | None = None) -> bool:
+        """Take the drive of a running rollout whose heartbeat is older than `lease_s` (or
+        that never beat), in one UPDATE, so that two drivers cannot both win; True if won."""
+        now = time.time() if now is None else now
+        with self._lock, self._db:
+            cur = self._db.execute(
+                "UPDATE rollouts SET heartbeat = ?, updated_at = ? WHERE id = ? AND "
+                "state = 'running' AND (heartbeat IS NULL OR heartbeat < ?)",
+                (now, now, rollout_id, now - lease_s),
+            )
+            return cur.rowcount == 1
+
     def set_rollout_device(
         self,
         rollout_id: int,

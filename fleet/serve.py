@@ -8,7 +8,6 @@ import json
 import logging
 import signal
 import threading
-import time
 from types import FrameType
 from typing import Any
 
@@ -17,7 +16,7 @@ from fleet.deploy import Deployer, signing_key
 from fleet.home import FleetHome
 from fleet.mqtt import FleetClient, Message
 from fleet.registry import Registry
-from fleet.rollout import RolloutDriver, stale_rollouts
+from fleet.rollout import LEASE_S, RolloutDriver, stale_rollouts
 
 log = logging.getLogger(__name__)
 
@@ -117,8 +116,9 @@ class Server:
                 log.warning("rollout %d waits: no signing key to resume it", rid)
                 continue
             deployer = Deployer(self.client, self.registry, self.store, signing_key(self.home))
+            if not self.registry.claim_rollout(rid, LEASE_S):
+                continue  # someone else (`rollout resume`) took it meanwhile
             driver = RolloutDriver(deployer, rid, self.stop)
-            self.registry.set_rollout(rid, heartbeat=time.time())
             log.info("rollout %d: resuming", rid)
             t = threading.Thread(target=driver.run, name=f"rollout-{rid}", daemon=True)
             self._rollouts[rid] = t

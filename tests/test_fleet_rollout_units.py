@@ -185,3 +185,22 @@ def test_stale_rollouts_are_running_ones_without_a_fresh_heartbeat(registry: Reg
     registry.set_rollout(old, heartbeat=now - LEASE_S - 1)
     registry.set_rollout(done, state="completed")
     assert stale_rollouts(registry, now) == [never, old]
+
+
+def test_claiming_a_rollout_is_won_once_and_only_when_its_driver_is_gone(
+    registry: Registry,
+) -> None:
+    pid = "cd" * 32
+    rows: list[tuple[str, str | None]] = [("cam-1", None)]
+    stale, live, done = (
+        registry.create_rollout(pid, "cam", "all", [1], 0, 60.0, rows) for _ in range(3)
+    )
+    now = 2_000_000.0
+    registry.set_rollout(stale, heartbeat=now - LEASE_S - 5)
+    registry.set_rollout(live, heartbeat=now - 2)
+    registry.set_rollout(done, state="halted")
+    assert registry.claim_rollout(stale, LEASE_S, now) is True
+    assert registry.rollout(stale)["heartbeat"] == now
+    assert registry.claim_rollout(stale, LEASE_S, now + 1) is False  # now it has a driver
+    assert registry.claim_rollout(live, LEASE_S, now) is False
+    assert registry.claim_rollout(done, LEASE_S, now) is False

@@ -212,3 +212,21 @@ def test_tag_sets_adds_and_removes(tmp_path: Path) -> None:
         assert device is not None and device.tags == ["east", "lobby"]
     unknown = fleet("tag", "nobody", "-x", home=home)
     assert unknown.returncode == 1 and "unknown device 'nobody'" in unknown.stderr
+
+
+def test_rollout_resume_refuses_a_driven_or_finished_rollout(tmp_path: Path) -> None:
+    import time as _time
+
+    from fleet.registry import Registry
+
+    home = fleet_home(tmp_path / "home")
+    with Registry(home.registry) as registry:
+        rows: list[tuple[str, str | None]] = [(DEVICE, None)]
+        driven = registry.create_rollout("ab" * 32, "door", "all", [1], 0, 60.0, rows)
+        registry.set_rollout(driven, heartbeat=_time.time())
+        finished = registry.create_rollout("ab" * 32, "door", "all", [1], 0, 60.0, rows)
+        registry.set_rollout(finished, state="completed")
+    busy = fleet("rollout", "resume", str(driven), home=home)
+    assert busy.returncode == 1 and f"rollout {driven} has a driver" in busy.stderr
+    over = fleet("rollout", "resume", str(finished), home=home)
+    assert over.returncode == 1 and "is completed: nothing to resume" in over.stderr
