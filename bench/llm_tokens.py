@@ -8,6 +8,7 @@ concurrent requests, and detection fps while generating.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import shutil
 import statistics
@@ -15,6 +16,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +49,22 @@ def engine_single(directory: Path, tokens: int, threads: int, runs: int) -> dict
         ttft.append(usage["ttft_s"])
     eng.close()
     return {"tokens_per_s": statistics.median(tps), "ttft_ms": statistics.median(ttft) * 1e3}
+
+
+def alternating(
+    calls: dict[str, Callable[[], dict[str, float] | None]], rounds: int
+) -> dict[str, dict[str, float] | None]:
+    """Each call once per round, in turn, `rounds` times; the median of each figure."""
+    got: dict[str, list[dict[str, float]]] = {k: [] for k in calls}
+    for _ in range(rounds):
+        for key, call in calls.items():
+            row = call()
+            if row is not None:
+                got[key].append(row)
+    return {
+        key: {f: statistics.median(r[f] for r in rows) for f in rows[0]} if rows else None
+        for key, rows in got.items()
+    }
 
 
 def engine_aggregate(
@@ -201,16 +219,21 @@ def main(argv: list[str] | None = None) -> int:
     ids = probe.encode(PROMPT, None)
     probe.close()
     out["prompt_tokens"] = len(ids)
+    # Single streams in alternating rounds (a fresh session and warm-up each), so that a
+    # machine whose speed drifts treats the engine and onnxruntime-genai alike; medians.
+    calls: dict[str, Callable[[], dict[str, float] | None]] = {}
     for name in ("genai-int8", "genai-fp32", "onnx-int8", "onnx-fp32"):
-        out[f"engine/{name}"] = engine_single(
-            BUNDLED_DIR / f"tiny-llama-{name}", args.tokens, args.threads, args.runs
+        calls[f"engine/{name}"] = functools.partial(
+            engine_single, BUNDLED_DIR / f"tiny-llama-{name}", args.tokens, args.threads, 3
         )
     for precision in ("int8", "fp32"):
-        out[f"ort-genai/genai-{precision}"] = genai_single(
-            BUNDLED_DIR / f"tiny-llama-genai-{precision}", ids, args.tokens, args.threads, args.runs
-        )
+        calls[f"ort-genai/genai-{precision}"] = functools.partial(
+            genai_single, BUNDLED_DIR / f"tiny-llama-genai-{precision}", ids, args.tokens,
+            args.threads, 3,
+        )  # fmt: skip
+    out.update(alternating(calls, args.runs))
     out["transformers/fp32"] = transformers_single(ids, args.tokens, args.threads, args.runs)
-    for name in ("genai-int8", "onnx-int8"):
+    for name in ("genai-int8", "genai-fp32", "onnx-int8", "onnx-fp32"):
         out[f"engine-8-staggered/{name}"] = engine_aggregate(
             BUNDLED_DIR / f"tiny-llama-{name}", args.tokens, args.threads, args.stagger
         )
@@ -253,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
             f"engine / transformers (fp32): tokens/s {ratio:.2f}x"
             f", TTFT {ours['ttft_ms'] / hf['ttft_ms']:.2f}x"
         )
-    for name in ("genai-int8", "onnx-int8"):
+    for name in ("genai-int8", "genai-fp32", "onnx-int8", "onnx-fp32"):
         agg = out[f"engine-8-staggered/{name}"]
         single = out[f"engine/{name}"]["tokens_per_s"]
         print(

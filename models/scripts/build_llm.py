@@ -271,7 +271,7 @@ def quantize_int8(src: Path, dst: Path) -> None:
     quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=True)
 
 
-def build_genai(hf_dir: Path, out: Path, precision: str) -> None:
+def build_genai(hf_dir: Path, out: Path, precision: str, quiet: bool = False) -> None:
     with tempfile.TemporaryDirectory() as cache:
         cmd = [
             sys.executable,
@@ -288,7 +288,8 @@ def build_genai(hf_dir: Path, out: Path, precision: str) -> None:
             "-c",
             cache,
         ]
-        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+        stderr = subprocess.DEVNULL if quiet else None  # its per-tensor progress lines
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=stderr)
 
 
 def write_package(directory: Path, precision: str, layout: str, notes: str) -> None:
