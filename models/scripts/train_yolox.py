@@ -377,6 +377,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eval-every-s", type=float, default=900.0)
     p.add_argument("--eval-images", type=int, default=200)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--bf16",
+        action="store_true",
+        help="convolutions in bfloat16 (CPU autocast; ~1.3-1.5x faster where the CPU has "
+        "AMX or AVX-512 BF16), box decoding and losses in float32",
+    )
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
     p.add_argument("--bench", type=int, default=0, help="time N steps per size and exit")
@@ -387,16 +393,38 @@ def log(msg: str) -> None:
     print(time.strftime("%H:%M:%S"), msg, flush=True)
 
 
+def _to_float(_module: nn.Module, _inputs: Any, output: Any) -> Any:
+    if isinstance(output, torch.Tensor):
+        return output.float()
+    return tuple(t.float() for t in output)
+
+
+def use_bf16_convs(model: nn.Module) -> None:
+    """Make the convolutions run in bfloat16 under CPU autocast (AMX/AVX-512 where the CPU
+    has them) while everything after them stays float32: the backbone's features and the
+    head's prediction convs are cast back, so box decoding, SimOTA and the losses see float32
+    (bfloat16 has 8 bits of mantissa: a coordinate near 400 px would round to 2 px)."""
+    head: Any = model.head
+    backbone: Any = model.backbone
+    backbone.register_forward_hook(_to_float)
+    for convs in (head.cls_preds, head.reg_preds, head.obj_preds):
+        for conv in convs:
+            conv.register_forward_hook(_to_float)
+
+
 def train_step(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     images: torch.Tensor,
     targets: torch.Tensor,
     lr: float,
+    bf16: bool = False,
 ) -> dict[str, float]:
     for group in optimizer.param_groups:
         group["lr"] = lr
-    out = model(images, targets)
+    images = images.contiguous(memory_format=torch.channels_last)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        out = model(images, targets)
     optimizer.zero_grad(set_to_none=True)
     out["total_loss"].backward()
     optimizer.step()
@@ -407,22 +435,31 @@ def bench(args: argparse.Namespace, cache: ImageCache) -> None:
     sizes = args.sizes_multi or [args.size]
     for size in sizes:
         torch.manual_seed(args.seed)
-        model = build_nano(6)
+        model = new_model(args)
         optimizer = make_optimizer(model, args)
         times, data_times = [], []
         for step in range(args.bench + 2):
             t0 = time.perf_counter()
             images, targets = make_batch(cache, args.batch, size, True, args)
             t1 = time.perf_counter()
-            parts = train_step(model, optimizer, images, targets, args.lr * 0.1)
+            parts = train_step(model, optimizer, images, targets, args.lr * 0.1, args.bf16)
             if step >= 2:
                 times.append(time.perf_counter() - t0)
                 data_times.append(t1 - t0)
         log(
-            f"bench size {size} batch {args.batch} {args.optimizer}: "
+            f"bench size {size} batch {args.batch} {args.optimizer}"
+            f"{' bf16' if args.bf16 else ''}: "
             f"{np.median(times):.3f} s/step (data {np.median(data_times):.3f}), "
             f"loss {parts['total_loss']:.2f}"
         )
+
+
+def new_model(args: argparse.Namespace) -> nn.Module:
+    """YOLOX-Nano for 6 classes in channels-last layout (faster convs on CPU)."""
+    model = build_nano(6).to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    if args.bf16:
+        use_bf16_convs(model)
+    return model
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -441,7 +478,7 @@ def main(argv: list[str] | None = None) -> int:
         bench(args, cache)
         return 0
 
-    model = build_nano(6)
+    model = new_model(args)
     optimizer = make_optimizer(model, args)
     ema = ModelEMA(model, args.ema_decay, args.ema_ramp)
     step, best, history = 0, -1.0, []
@@ -507,7 +544,7 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         images, targets = make_batch(cache, args.batch, size, not late, args)
         lr = lr_at(step, args)
-        parts = train_step(model, optimizer, images, targets, lr)
+        parts = train_step(model, optimizer, images, targets, lr, args.bf16)
         if not math.isfinite(parts["total_loss"]):
             raise RuntimeError(f"loss is {parts['total_loss']} at step {step}")
         ema.update(model)
