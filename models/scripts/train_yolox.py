@@ -456,7 +456,7 @@ def bench(args: argparse.Namespace, cache: ImageCache) -> None:
 
 def new_model(args: argparse.Namespace) -> nn.Module:
     """YOLOX-Nano for 6 classes in channels-last layout (faster convs on CPU)."""
-    model = build_nano(6).to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    model = build_nano(6).to(memory_format=torch.channels_last)  # type: ignore[call-overload, unused-ignore]
     if args.bf16:
         use_bf16_convs(model)
     return model
