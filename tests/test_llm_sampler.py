@@ -94,3 +94,21 @@ def test_arena_views_are_preallocated_and_bounded() -> None:
     assert np.shares_memory(view, arena.view(arena.front, 0, 2, 16))
     with pytest.raises(MemoryError):
         arena.view(arena.front, 0, 5, 8)
+
+
+def test_stream_decoder_fast_path_matches_the_window_path() -> None:
+    from models.llm.tokenizer import TextTokenizer
+    from models.zoo import BUNDLED_DIR
+
+    tok = TextTokenizer(BUNDLED_DIR / "tiny-llama-genai-int8")
+    text = "Return the list sorted by key, é ü 日本 and 🙂 END of it"
+    ids = tok.encode(text)
+    fast = StreamDecoder(tok, ["END"])
+    assert fast._stream is not None  # tokenizers has DecodeStream here
+    slow = StreamDecoder(tok, ["END"])
+    slow._stream = None  # the two-decode window
+    got = {"fast": [fast.push(i) for i in ids], "slow": [slow.push(i) for i in ids]}
+    assert got["fast"] == got["slow"]
+    assert "".join(got["fast"]) == fast.text == text[: text.index(" END")] + " "
+    assert fast.stopped and slow.stopped
+    assert not any("\ufffd" in piece for piece in got["fast"])

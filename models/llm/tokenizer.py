@@ -63,6 +63,15 @@ class TextTokenizer:
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return str(self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens))
 
+    def decode_stream(self) -> Any | None:
+        """A Rust-side incremental decoder (tokenizers >= 0.21 `DecodeStream`): one call per
+        token instead of two decodes; None where the installed tokenizers lacks it."""
+        try:
+            from tokenizers.decoders import DecodeStream
+        except ImportError:
+            return None
+        return _Stream(DecodeStream(skip_special_tokens=True), self._tok)
+
     def token_id(self, token: str) -> int | None:
         tid = self._tok.token_to_id(token)
         return None if tid is None else int(tid)
@@ -92,6 +101,18 @@ class TextTokenizer:
         return self.encode(self.apply_chat_template(messages), add_special_tokens=False)
 
 
+class _Stream:
+    """`DecodeStream` bound to its tokenizer: step(token) -> new text ('' while a character
+    is incomplete)."""
+
+    def __init__(self, stream: Any, tokenizer: Any) -> None:
+        self._stream, self._tok = stream, tokenizer
+
+    def step(self, token: int) -> str:
+        piece = self._stream.step(self._tok, token)
+        return piece or ""
+
+
 class StreamDecoder:
     """Turns a growing list of ids into text pieces, holding back an incomplete UTF-8
     character and any tail that could still become a stop string."""
@@ -106,16 +127,34 @@ class StreamDecoder:
         self._raw = ""
         # Decode only a short window: ids[_start:_read] is decoded text, ids[_read:] is new.
         self._start = self._read = 0
+        make_stream = getattr(tokenizer, "decode_stream", None)  # the fast path, where there
+        self._stream = make_stream() if make_stream is not None else None
+
+    def _new_text(self) -> str | None:
+        """The text the newest token adds; None while a multi-byte character is incomplete."""
+        if self._stream is not None:
+            try:
+                piece = self._stream.step(self.ids[-1])
+            except Exception:  # an id the tokenizer cannot decode: the window way from here
+                self._stream = None
+                self._start = self._read = len(self.ids) - 1
+            else:
+                self._start = self._read = len(self.ids)
+                return piece or None
+        before = self._tok.decode(self.ids[self._start : self._read])
+        window = self._tok.decode(self.ids[self._start :])
+        if window.endswith("\ufffd"):  # a multi-byte character is not complete yet
+            return None
+        self._start, self._read = self._read, len(self.ids)
+        return window[len(before) :]
 
     def push(self, token: int) -> str:
         """Add a token; return the text now safe to send ('' if none)."""
         self.ids.append(token)
-        before = self._tok.decode(self.ids[self._start : self._read])
-        window = self._tok.decode(self.ids[self._start :])
-        if window.endswith("\ufffd"):  # a multi-byte character is not complete yet
+        new = self._new_text()
+        if new is None:
             return ""
-        self._raw += window[len(before) :]
-        self._start, self._read = self._read, len(self.ids)
+        self._raw += new
         text = self.text = self._raw
         for stop in self._stops:
             at = text.find(stop, max(0, self.sent - len(stop)))
