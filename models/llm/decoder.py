@@ -257,21 +257,22 @@ class GenaiBatch(DecoderBatch):
         # The mask spans every slot of a row (GroupQueryAttention reads each row's length
         # from its sum), so its shape stays fixed while the rows do: the inputs are bound
         # once per batch and updated in place, one new column per row per step.
-        lengths = np.asarray(self.lengths, dtype=np.int64)
         io = self._step_io
         if io is None:
             io = self._step_io = self.session.io_binding()
             self._bind_step_logits(io, self.rows)
             self._bind_cache(io, 0, self.rows)
             self._ids = np.zeros((self.rows, 1), dtype=np.int64)
-            self._mask = (np.arange(self.row_len)[None, :] < lengths[:, None]).astype(np.int64)
+            self._lens = np.asarray(self.lengths, dtype=np.int64)
+            self._mask = (np.arange(self.row_len)[None, :] < self._lens[:, None]).astype(np.int64)
             self._row_index = np.arange(self.rows)
             io.bind_ortvalue_input("input_ids", self._ortvalue(self._ids))
             io.bind_ortvalue_input("attention_mask", self._ortvalue(self._mask))
         self._ids[:, 0] = tokens
-        self._mask[self._row_index, lengths] = 1
+        self._mask[self._row_index, self._lens] = 1
         logits = self._run_step(io)
-        self.lengths = [n + 1 for n in self.lengths]
+        self._lens += 1
+        self.lengths = self._lens.tolist()
         return logits
 
     def remove(self, keep: list[int], row_tokens: int) -> None:
