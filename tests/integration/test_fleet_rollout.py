@@ -162,3 +162,38 @@ def test_staged_rollout_halts_at_the_threshold_and_reverts(
     log, _ = proc.communicate(timeout=15)
     assert proc.returncode == 0, log
     assert "SIGTERM: stopping" in log and "device sim-00 is online" in log
+
+
+def test_serve_drives_a_detached_rollout_and_resume_then_refuses_it(
+    tmp_path: Path,
+    broker: Broker,
+    serve: tuple[FleetHome, subprocess.Popen[str]],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    home, proc = serve
+    common = ["--home", str(home.root), "--broker", f"mqtt://{broker.host}:{broker.port}"]
+    ids = IDS[:3]
+    v1 = tiny_package(home.signing_key, tmp_path / "v1", "1.0.0", 100_000)
+    with SimFleet(broker.host, broker.port, ids, home.signing_pub, chunk=32768):
+        _wait(
+            lambda: proc.poll() is not None or len(_registry_devices(home)) == 3,
+            what="serve to register 3 devices",
+        )
+        assert proc.poll() is None, proc.communicate()[0]
+        start = ["rollout", "start", str(v1), "--select", "all", "--stages", "100", "--detach"]
+        assert main([*start, *common]) == 0  # recorded, not driven: no heartbeat yet
+        assert "rollout 1:" in capsys.readouterr().out
+
+        def state() -> str:
+            with Registry(home.registry) as reg:
+                return str(reg.rollout(1)["state"])
+
+        _wait(lambda: state() == "completed", timeout=60, what="serve to drive rollout 1")
+        assert all(
+            d["models"].get("cam") == "sim-model@1.0.0" for d in _registry_devices(home).values()
+        )
+        assert main(["rollout", "resume", "1", *common]) == 1
+        assert "is completed: nothing to resume" in capsys.readouterr().err
+    proc.send_signal(signal.SIGTERM)
+    log, _ = proc.communicate(timeout=15)
+    assert "rollout 1: resuming" in log, log
