@@ -87,7 +87,7 @@ class BlobStore:
         return sorted(p.stem for p in self.home.packages_dir.glob("*.json"))
 
     def has(self, sha256: str) -> bool:
-        return bool(_SHA256.match(sha256)) and (self.home.blobs_dir / sha256).is_file()
+        return self.stat(sha256) is not None
 
     def stat(self, sha256: str) -> os.stat_result | None:
         """The blob file's stat, None when there is no such (regular) file."""
@@ -98,9 +98,6 @@ class BlobStore:
         except OSError:
             return None
         return st if stat.S_ISREG(st.st_mode) else None
-
-    def size(self, sha256: str) -> int:
-        return self.blob_path(sha256).stat().st_size
 
     def read(self, sha256: str, offset: int, length: int) -> bytes:
         """`length` bytes from `offset` (fewer at the end of the file)."""

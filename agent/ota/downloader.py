@@ -33,10 +33,6 @@ class Cancelled(Exception):
     """The download was stopped (agent stopping or a newer target)."""
 
 
-class _CorruptPart(OtaError):
-    """A `.part` file holds less than its sidecar says (changed behind our back)."""
-
-
 class Publisher(Protocol):
     """What the downloader needs of the link (MqttLink fits)."""
 
@@ -149,10 +145,8 @@ class PartFile:
         while self._hashed < limit:
             block = os.pread(self.fd, min(1 << 20, limit - self._hashed), self._hashed)
             if not block:
-                raise _CorruptPart(
-                    f"transfer: {self.part.name} is shorter than its sidecar says; "
-                    "it is fetched again from the start"
-                )
+                # Cut behind our back: the next attempt sees the wrong size and starts over.
+                raise OtaError(f"transfer: {self.part.name} is shorter than its sidecar says")
             self._hash.update(block)
             self._hashed += len(block)
 
@@ -303,8 +297,8 @@ class Downloader:
                 fetch_file(part, report, cancelled)
             except OtaError as exc:
                 part.close()
-                if exc.reason.startswith("truncated") or isinstance(exc, _CorruptPart):
-                    part.discard()  # the controller's copy, or ours, is bad: nothing to keep
+                if exc.reason.startswith("truncated"):
+                    part.discard()  # the controller's copy is bad: nothing here to keep
                 raise
             except BaseException:
                 part.close()

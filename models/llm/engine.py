@@ -249,7 +249,7 @@ class Engine:
         if not self._inbox.empty():
             self._waiting.extend(self._drain_inbox())
         now = time.monotonic()
-        for h in list(self._waiting) if self._waiting else ():
+        for h in list(self._waiting):
             reason = self._expired(h, now)
             if reason is None and now - h.submitted > self.options.max_wait_s:
                 self._waiting.remove(h)
@@ -273,8 +273,7 @@ class Engine:
             for i in gone:
                 self._finish(self._running[i], self._expired(self._running[i], now) or "cancelled")
             self._retire(set(gone))
-        if self._waiting:
-            self._admit()
+        self._admit()
         if not self._running:
             self._wake.wait(0.05)
             self._wake.clear()

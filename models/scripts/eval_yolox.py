@@ -62,6 +62,42 @@ def coco_map(gt: dict[str, Any], results: list[dict[str, Any]]) -> tuple[float, 
     return float(ev.stats[0]), float(ev.stats[1])
 
 
+# Object size buckets for the breakdown: COCO box area in px^2 at the source image's scale.
+SIZE_BUCKETS = {"<16px": (0, 16**2), "16-32px": (16**2, 32**2), "32-64px": (32**2, 64**2),
+                ">64px": (64**2, 1e10)}  # fmt: skip
+
+
+def ap50_breakdown(gt: dict[str, Any], results: list[dict[str, Any]]) -> dict[str, float]:
+    """AP@.5 per object size bucket and per class (pycocotools, the same matching as
+    coco_map): where the detector fails, rather than how much."""
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    if not results:
+        return {}
+    with contextlib.redirect_stdout(io.StringIO()):
+        truth = COCO()
+        truth.dataset = dict(gt)
+        truth.createIndex()
+        ev = COCOeval(truth, truth.loadRes(results), "bbox")
+        ev.params.areaRng = [[0, 1e10], *(list(r) for r in SIZE_BUCKETS.values())]
+        ev.params.areaRngLbl = ["all", *SIZE_BUCKETS]
+        ev.evaluate()
+        ev.accumulate()
+    precision = ev.eval["precision"]  # [IoU, recall, class, area, max dets]
+    out: dict[str, float] = {}
+
+    def mean(p: np.ndarray) -> float:
+        valid = p[p > -1]
+        return float(valid.mean()) if valid.size else float("nan")
+
+    for a, label in enumerate(ev.params.areaRngLbl[1:], start=1):
+        out[label] = mean(precision[0, :, :, a, -1])
+    for k, cat in enumerate(gt["categories"]):
+        out[cat["name"]] = mean(precision[0, :, k, 0, -1])
+    return out
+
+
 def coco_records(
     image_id: int, boxes: np.ndarray, scores: np.ndarray, class_ids: Iterable[int]
 ) -> list[dict[str, Any]]:
@@ -87,6 +123,7 @@ def evaluate_package(
     nms: float,
     threads: int,
     timing_conf: float,
+    with_breakdown: bool = False,
 ) -> dict[str, Any]:
     """Accuracy at `conf` over every image; the median detect() time at `timing_conf`."""
     manifest = read_manifest(directory)
@@ -106,6 +143,7 @@ def evaluate_package(
         times.append((time.perf_counter() - t0) * 1000)
     detector.close()
     map_all, map50 = coco_map(gt, results)
+    breakdown = ap50_breakdown(gt, results) if with_breakdown else {}
     model_path = directory / manifest.model
     return {
         "package": directory.name,
@@ -116,6 +154,7 @@ def evaluate_package(
         "map50": map50,
         "ms": statistics.median(times),
         "detections": len(results),
+        "ap50_by": breakdown,
     }
 
 
@@ -174,6 +213,9 @@ def main(argv: list[str] | None = None) -> int:
         help="score threshold while timing (the agent's default)",
     )
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument(
+        "--breakdown", action="store_true", help="also AP@.5 per object size and per class"
+    )
     p.add_argument("--json", type=Path, help="also write the rows as JSON here")
     p.add_argument("--write-docs", type=Path, help="markdown file to put the section into")
     p.add_argument("--note", default="", help="a sentence added under the table")
@@ -196,14 +238,18 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.packages:
         directory = Path(name) if Path(name).is_dir() else BUNDLED_DIR / name
         row = evaluate_package(
-            directory, gt, images, args.conf, args.nms, args.threads, args.timing_conf
-        )
+            directory, gt, images, args.conf, args.nms, args.threads, args.timing_conf,
+            args.breakdown,
+        )  # fmt: skip
         print(
             f"{row['package']}: mAP {row['map']:.4f} mAP@.5 {row['map50']:.4f} "
             f"{row['ms']:.1f} ms/frame",
             file=sys.stderr,
             flush=True,
         )
+        if row["ap50_by"]:
+            parts = ", ".join(f"{k} {v:.3f}" for k, v in row["ap50_by"].items())
+            print(f"{row['package']}: AP@.5 by size and class: {parts}", file=sys.stderr)
         rows.append(row)
 
     command = ".venv/bin/python -m models.scripts.eval_yolox " + " ".join(

@@ -66,6 +66,15 @@ def _registry_devices(home: FleetHome) -> dict[str, dict[str, Any]]:
         return {d.id: d.as_json() for d in reg.devices()}
 
 
+def _wait_registered(home: FleetHome, proc: subprocess.Popen[str], n: int) -> None:
+    """Until serve's registry holds `n` devices; serve's output if it died meanwhile."""
+    _wait(
+        lambda: proc.poll() is not None or len(_registry_devices(home)) == n,
+        what=f"serve to register {n} devices",
+    )
+    assert proc.poll() is None, proc.communicate()[0]
+
+
 def test_staged_rollout_halts_at_the_threshold_and_reverts(
     tmp_path: Path,
     broker: Broker,
@@ -87,11 +96,7 @@ def test_staged_rollout_halts_at_the_threshold_and_reverts(
         faulty_versions={"2.0.0"},
         chunk=65536,
     ) as sim:
-        _wait(
-            lambda: proc.poll() is not None or len(_registry_devices(home)) == 20,
-            what="serve to register 20 devices",
-        )
-        assert proc.poll() is None, proc.communicate()[0]
+        _wait_registered(home, proc, 20)
         devs = [arg for d in IDS for arg in ("--device", d)]
         assert main(["deploy", str(v1), *devs, "--wait", "--timeout", "60", *common]) == 0
         out = capsys.readouterr().out
@@ -175,11 +180,7 @@ def test_serve_drives_a_detached_rollout_and_resume_then_refuses_it(
     ids = IDS[:3]
     v1 = tiny_package(home.signing_key, tmp_path / "v1", "1.0.0", 100_000)
     with SimFleet(broker.host, broker.port, ids, home.signing_pub, chunk=32768):
-        _wait(
-            lambda: proc.poll() is not None or len(_registry_devices(home)) == 3,
-            what="serve to register 3 devices",
-        )
-        assert proc.poll() is None, proc.communicate()[0]
+        _wait_registered(home, proc, 3)
         start = ["rollout", "start", str(v1), "--select", "all", "--stages", "100", "--detach"]
         assert main([*start, *common]) == 0  # recorded, not driven: no heartbeat yet
         assert "rollout 1:" in capsys.readouterr().out
