@@ -437,7 +437,10 @@ class OtaConfig(_Section):
         description="Bytes asked for per chunk request; must fit mqtt.max_inbound_bytes.",
     )
     window: int = Field(
-        default=8, ge=1, le=256, description="Chunk requests outstanding at once, at most."
+        default=16,
+        ge=1,
+        le=256,
+        description="Chunk requests outstanding at once, at most (x chunk_bytes in flight).",
     )
     request_timeout_s: float = Field(
         default=10.0, gt=0, le=600, description="A chunk not answered in this time is asked again."

@@ -1,7 +1,7 @@
 """Benchmark: an OTA package transfer over MQTT (the agent's Downloader through its MqttLink
 and outbox, the controller's BlobServer) against raw paho publish/subscribe of the same bytes.
 
-    .venv/bin/python bench/ota_transfer.py [--mb 20] [--chunk 262144] [--window 8]
+    .venv/bin/python bench/ota_transfer.py [--mb 20] [--chunk 262144] [--window 16]
 
 Starts its own mosquitto on a free loopback port. The controller (BlobServer) and the raw
 publisher run in a second process, as they would on another machine; the device side and the
@@ -186,7 +186,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mb", type=float, default=20.0, help="package size in MB")
     parser.add_argument("--chunk", type=int, default=256 << 10)
-    parser.add_argument("--window", type=int, default=8)
+    parser.add_argument("--window", type=int, default=OtaConfig().window)
     parser.add_argument(
         "--no-nodelay",
         dest="nodelay",

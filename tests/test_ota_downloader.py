@@ -14,7 +14,7 @@ import pytest
 
 from agent.config import OtaConfig
 from agent.mqtt_inbound import InboundMessage
-from agent.ota.downloader import Cancelled, Downloader
+from agent.ota.downloader import Cancelled, Downloader, read_chunk_log
 from agent.ota.state import OtaError
 from agent.ota.store import ModelStore
 from models.package import FileEntry
@@ -79,6 +79,13 @@ def setup(tmp_path: Path, data: bytes, **cfg: Any) -> tuple[Controller, Download
     return ctl, dl, FileEntry(path="m.bin", sha256=sha, size=len(data))
 
 
+def held_in_log(part: Path) -> list[int]:
+    """The chunks a `.part` file's log records as held."""
+    record = read_chunk_log(part.with_name(part.name + ".log"))
+    assert record is not None
+    return sorted(record[2])
+
+
 def test_fetches_checks_and_resumes(tmp_path: Path) -> None:
     data = os.urandom(25 * CHUNK + 100)
     _ctl, dl, entry = setup(tmp_path, data)
@@ -87,9 +94,14 @@ def test_fetches_checks_and_resumes(tmp_path: Path) -> None:
         dl.fetch(
             [entry], lambda held, total, _n: seen.append((held, total)), lambda: len(seen) > 10
         )
-    side = json.loads((tmp_path / "models/downloads" / f"{entry.sha256}.part.json").read_text())
-    have = set(side["have"])
-    assert len(have) >= 10 and side["chunk"] == CHUNK
+    record = read_chunk_log(tmp_path / "models/downloads" / f"{entry.sha256}.part.log")
+    assert record is not None
+    size, chunk, claims = record
+    have = set(claims)
+    assert len(have) >= 10 and (size, chunk) == (len(data), CHUNK)
+    # every recorded chunk carries the hash its reply claimed, and matches it
+    for i in have:
+        assert claims[i] == hashlib.sha256(data[i * CHUNK : (i + 1) * CHUNK]).hexdigest()
     assert dl.held([entry]) == len(have) * CHUNK
     # a new agent (new downloader) asks only for what is missing
     ctl2, dl2, _ = setup(tmp_path, data)
@@ -159,9 +171,84 @@ def test_part_file_cut_behind_our_back_is_fetched_again(tmp_path: Path) -> None:
     with pytest.raises(Cancelled):
         dl.fetch([entry], lambda held, _t, _n: seen.append(held), lambda: len(seen) > 10)
     part = tmp_path / "models/downloads" / f"{entry.sha256}.part"
-    assert len(json.loads(part.with_name(part.name + ".json").read_text())["have"]) >= 4
-    os.truncate(part, CHUNK)  # the sidecar now claims chunks the file does not hold
+    assert len(held_in_log(part)) >= 4
+    os.truncate(part, CHUNK)  # the log now names chunks the file does not hold
     ctl2, dl2, _ = setup(tmp_path, data)
     dl2.fetch([entry], lambda *_a: None, lambda: False)
     assert (tmp_path / "models/blobs" / entry.sha256).read_bytes() == data
     assert sorted(o for o, _ in ctl2.requests) == [i * CHUNK for i in range(20)]
+
+
+def test_damaged_chunk_from_an_earlier_run_is_found_and_fetched_again(tmp_path: Path) -> None:
+    data = os.urandom(20 * CHUNK)
+    _ctl, dl, entry = setup(tmp_path, data)
+    seen: list[int] = []
+    with pytest.raises(Cancelled):
+        dl.fetch([entry], lambda held, _t, _n: seen.append(held), lambda: len(seen) > 10)
+    part = tmp_path / "models/downloads" / f"{entry.sha256}.part"
+    have = held_in_log(part)
+    assert len(have) >= 4
+    with part.open("r+b") as fh:  # a chunk the log names lost its bytes (a power cut)
+        fh.seek(have[1] * CHUNK + 7)
+        fh.write(b"\x00\xff")
+    ctl2, dl2, _ = setup(tmp_path, data)
+    dl2.fetch([entry], lambda *_a: None, lambda: False)
+    assert (tmp_path / "models/blobs" / entry.sha256).read_bytes() == data
+    # the file failed its sha256; only the chunk that fails its recorded claim came again
+    asked = [o // CHUNK for o, _ in ctl2.requests]
+    assert sorted(asked) == sorted([*(set(range(20)) - set(have)), have[1]])
+    assert asked[-1] == have[1] and dl2.stats.bad_chunks == 1
+    assert not list((tmp_path / "models/downloads").iterdir())
+
+
+def test_torn_or_garbled_log_records_are_skipped(tmp_path: Path) -> None:
+    data = os.urandom(10 * CHUNK)
+    _ctl, dl, entry = setup(tmp_path, data)
+    seen: list[int] = []
+    with pytest.raises(Cancelled):
+        dl.fetch([entry], lambda held, _t, _n: seen.append(held), lambda: len(seen) > 5)
+    log = tmp_path / "models/downloads" / f"{entry.sha256}.part.log"
+    have = held_in_log(log.with_suffix(""))
+    with log.open("ab") as fh:  # a zero-filled tail, a foreign line, a torn record
+        fh.write(b"\0" * 40 + b"\n99 " + b"a" * 64 + b"\nnot a record\n9 abc")
+    assert held_in_log(log.with_suffix("")) == have
+    ctl2, dl2, _ = setup(tmp_path, data)
+    dl2.fetch([entry], lambda *_a: None, lambda: False)
+    assert (tmp_path / "models/blobs" / entry.sha256).read_bytes() == data
+    assert {o // CHUNK for o, _ in ctl2.requests} == set(range(10)) - set(have)
+
+
+def test_a_full_disk_is_a_clear_error_and_keeps_what_was_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = os.urandom(12 * CHUNK)
+    _ctl, dl, entry = setup(tmp_path, data)
+    real_pwrite = os.pwrite
+    writes = [0]
+
+    def pwrite(fd: int, payload: bytes, offset: int) -> int:
+        writes[0] += 1
+        if writes[0] > 5:
+            raise OSError(28, "No space left on device")
+        return real_pwrite(fd, payload, offset)
+
+    monkeypatch.setattr(os, "pwrite", pwrite)
+    with pytest.raises(OtaError, match=r"^transfer: cannot write .*No space left on device"):
+        dl.fetch([entry], lambda *_a: None, lambda: False)
+    monkeypatch.setattr(os, "pwrite", real_pwrite)
+    have = held_in_log(tmp_path / "models/downloads" / f"{entry.sha256}.part")
+    assert len(have) == 5
+    ctl2, dl2, _ = setup(tmp_path, data)  # space freed: the rest comes, nothing twice
+    dl2.fetch([entry], lambda *_a: None, lambda: False)
+    assert (tmp_path / "models/blobs" / entry.sha256).read_bytes() == data
+    assert {o // CHUNK for o, _ in ctl2.requests} == set(range(12)) - set(have)
+
+
+def test_chunks_that_keep_failing_their_hash_end_the_transfer(tmp_path: Path) -> None:
+    data = os.urandom(6 * CHUNK)
+    ctl, dl, entry = setup(tmp_path, data)
+    ctl.tamper = lambda i, d: b"y" * len(d) if i == 4 else d  # always damaged on the way
+    with pytest.raises(OtaError, match=r"^transfer: m.bin still fails its sha256 after 3"):
+        dl.fetch([entry], lambda *_a: None, lambda: False)
+    assert dl.stats.bad_chunks == 3
+    assert not (tmp_path / "models/blobs" / entry.sha256).exists()

@@ -1,5 +1,12 @@
 """Chunked, resumable package transfer over MQTT (`edge/<id>/blob/get` -> `blob/data`): a
-window of requests outstanding, each chunk checked, `.part` files with a sidecar of chunks held.
+window of requests outstanding, `.part` files with a log of the chunks held.
+
+Each reply carries the chunk's `chunk_sha256`, from the same controller as the bytes: it can
+only tell a chunk damaged on the way, never a forged one (the signed manifest's whole-file
+sha256 does that). So the chunks are not hashed one by one as they arrive, which would be a
+second sha256 pass over every byte: the whole-file hash is fed from the arriving bytes, and
+only when it fails are the held chunks checked against the hashes their replies claimed;
+those that fail are dropped and fetched again (up to `_VERIFY_ROUNDS` times).
 """
 
 from __future__ import annotations
@@ -9,24 +16,26 @@ import itertools
 import logging
 import os
 import queue
+import re
 import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
 
 from agent.atomic import fsync_dir
 from agent.config import OtaConfig
 from agent.mqtt_inbound import InboundMessage
-from agent.ota.state import OtaError, atomic_write_json, read_json
+from agent.ota.state import OtaError
 from agent.ota.store import ModelStore
 from models.package import FileEntry
 
 log = logging.getLogger(__name__)
 
-_SIDECAR_EVERY_S = 0.5  # the sidecar (chunks held) is synced at least this often...
-_SIDECAR_EVERY_CHUNKS = 8  # ...and after this many new chunks
 _MAX_RUN = 64  # chunks one request asks for at most (the controller's MAX_RUN)
+_VERIFY_ROUNDS = 3  # fetch rounds per file when the whole-file hash keeps failing
+_HEX64 = re.compile(r"[0-9a-f]{64}")
 
 
 class Cancelled(Exception):
@@ -50,10 +59,10 @@ class Publisher(Protocol):
 class TransferStats:
     """Counters over the agent's life, and for the current fetch."""
 
-    received: int = 0  # chunk bytes accepted into .part files
+    received: int = 0  # chunk bytes kept in .part files (dropped bad chunks taken off)
     refetched: int = 0  # chunk bytes that arrived for chunks already held
     retries: int = 0  # requests sent again after request_timeout_s
-    bad_chunks: int = 0  # chunks whose chunk_sha256 or length was wrong
+    bad_chunks: int = 0  # chunks of the wrong length, or failing their chunk_sha256
 
 
 @dataclass
@@ -62,59 +71,115 @@ class _Request:
     sent_at: float
 
 
+def read_chunk_log(path: Path) -> tuple[int, int, dict[int, str | None]] | None:
+    """(file size, chunk size, {index: claimed chunk_sha256 or None}) from a `.part.log`;
+    None when it is missing or its header is unreadable. Later records win; a torn last line
+    (a crash mid-append) and garbage (a power cut's zero-filled tail) are skipped."""
+    try:
+        text = path.read_bytes().decode("ascii", errors="replace")
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        log.error("%s: unreadable, ignored: %s", path, exc)
+        return None
+    lines = text.split("\n")
+    head = lines[0].split()
+    if len(head) != 5 or head[:3] != ["edge-agent", "part", "v1"]:
+        return None
+    try:
+        size, chunk = int(head[3]), int(head[4])
+    except ValueError:
+        return None
+    if size < 0 or chunk <= 0:
+        return None
+    count = max(1, -(-size // chunk))
+    held: dict[int, str | None] = {}
+    for line in lines[1:-1]:  # the last piece has no newline yet: never a whole record
+        fields = line.split()
+        if len(fields) != 2 or not fields[0].isdigit() or int(fields[0]) >= count:
+            continue
+        index, claim = int(fields[0]), fields[1]
+        if claim == "!":
+            held.pop(index, None)
+        elif claim == "-":
+            held[index] = None
+        elif _HEX64.fullmatch(claim):
+            held[index] = claim
+    return size, chunk, held
+
+
 class PartFile:
-    """One file being fetched: `<sha>.part` and its sidecar `<sha>.part.json`.
+    """One file being fetched: `<sha>.part` and its chunk log `<sha>.part.log`.
+
+    Each chunk is written into the `.part`, then recorded by one append to the log (its
+    index and the chunk_sha256 its reply claimed): no fsync per chunk, no rewritten sidecar.
+    After a SIGKILL the page cache holds both, so a restart resumes exactly. After a power
+    cut the log may name a chunk whose bytes never reached the disk: the whole-file sha256
+    then fails, each held chunk is checked against its recorded claim, and the lost ones are
+    fetched again (`Downloader._fetch_file`). The finished file is fdatasync'ed before it is
+    renamed into the blobs.
 
     The whole file's sha256 follows the contiguous prefix of held chunks as it grows, fed
     from the chunk bytes as they are written (in-order arrival, the usual case, reads
     nothing back; a chunk that came early is read back once the gap before it fills), so
-    `digest()` at the end is cheap. A helper thread syncs the sidecar now and then, off the
-    receiving thread: fdatasync first, and it lists only chunks written before the sync.
+    `digest()` at the end is cheap.
     """
 
     def __init__(self, store: ModelStore, entry: FileEntry, chunk: int) -> None:
         self.entry = entry
         self.part = store.downloads / f"{entry.sha256}.part"
-        self.sidecar = store.downloads / f"{entry.sha256}.part.json"
-        side = read_json(self.sidecar)
+        self.log_path = store.downloads / f"{entry.sha256}.part.log"
+        store.downloads.joinpath(f"{entry.sha256}.part.json").unlink(missing_ok=True)  # < 0.3
+        record = read_chunk_log(self.log_path) if self.part.is_file() else None
         self.chunk = chunk
-        have: set[int] = set()
-        if (
-            isinstance(side, dict)
-            and side.get("size") == entry.size
-            and isinstance(side.get("chunk"), int)
-            and side["chunk"] > 0
-            and self.part.is_file()
-        ):
-            self.chunk = side["chunk"]  # resume with the chunk size it was started with
-            have = {int(i) for i in side.get("have", [])}
+        held: dict[int, str | None] = {}
+        if record is not None and record[0] == entry.size:
+            self.chunk = record[1]  # resume with the chunk size it was started with
+            held = record[2]
         self.count = max(1, -(-entry.size // self.chunk))
-        self.have = {i for i in have if 0 <= i < self.count}
+        self.have = set(held)
+        # chunk index -> the chunk_sha256 its reply claimed (None: written without one)
+        self.claims: dict[int, str | None] = held
         self.held = sum(self.length(i) for i in self.have)
-        self.fd = os.open(self.part, os.O_RDWR | os.O_CREAT, 0o644)
-        if self.have and os.fstat(self.fd).st_size != entry.size:
-            log.warning(
-                "%s is not the size it was created with: its chunks are fetched again",
-                self.part.name,
-            )
-            self.have, self.held = set(), 0
-        if not self.have:
-            os.ftruncate(self.fd, entry.size)
+        self.sync_error: OSError | None = None
+        try:
+            self.fd = os.open(self.part, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise OtaError(f"transfer: cannot open {self.part}: {exc}") from exc
+        try:
+            if self.have and os.fstat(self.fd).st_size != entry.size:
+                log.warning(
+                    "%s is not the size it was created with: its chunks are fetched again",
+                    self.part.name,
+                )
+                self.have, self.claims, self.held = set(), {}, 0
+            if not self.have:
+                os.ftruncate(self.fd, entry.size)
+                self._start_log()
+            else:
+                self._log_fd = os.open(self.log_path, os.O_RDWR | os.O_APPEND)
+                end = os.fstat(self._log_fd).st_size
+                if end and os.pread(self._log_fd, 1, end - 1) != b"\n":
+                    os.write(self._log_fd, b"\n")  # a torn last record stays on its own line
+        except OSError as exc:
+            os.close(self.fd)
+            raise OtaError(f"transfer: cannot write {self.part}: {exc}") from exc
         self._hash = hashlib.sha256()
         self._hashed = 0  # bytes [0, _hashed) of the file are in _hash
         self._prefix = 0  # chunks [0, _prefix) are all held
         while self._prefix in self.have:  # held from an earlier run: hashed when needed
             self._prefix += 1
-        self._unsynced = 0
-        self._synced_at = time.monotonic()
-        self._sync_snapshot: list[int] | None = None  # chunks held, for the syncer to record
-        self._sync_lock = threading.Lock()
-        self._sync_wanted = threading.Event()
-        self._syncing = False
-        self._closing = False
-        self._sync_error: OSError | None = None
-        self._syncer = threading.Thread(target=self._sync_loop, name="ota-sync", daemon=True)
-        self._syncer.start()
+
+    def _start_log(self) -> None:
+        tmp = self.log_path.with_name(self.log_path.name + ".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o644)
+        try:
+            os.write(fd, f"edge-agent part v1 {self.entry.size} {self.chunk}\n".encode())
+        except BaseException:
+            os.close(fd)
+            raise
+        os.replace(tmp, self.log_path)
+        self._log_fd = fd
 
     def length(self, index: int) -> int:
         return min(self.chunk, self.entry.size - index * self.chunk)
@@ -122,9 +187,15 @@ class PartFile:
     def held_bytes(self) -> int:
         return self.held
 
-    def write(self, index: int, data: bytes) -> None:
-        os.pwrite(self.fd, data, index * self.chunk)
+    def write(self, index: int, data: bytes, claim: str | None = None) -> None:
+        """Store chunk `index` and record it (with the chunk_sha256 its reply claimed)."""
+        try:
+            os.pwrite(self.fd, data, index * self.chunk)
+            os.write(self._log_fd, f"{index} {claim or '-'}\n".encode())
+        except OSError as exc:  # ENOSPC, EIO: kept what is recorded, the rest comes again
+            raise OtaError(f"transfer: cannot write {self.part}: {exc}") from exc
         self.have.add(index)
+        self.claims[index] = claim
         self.held += len(data)
         if index == self._prefix:
             self._hash_to(index * self.chunk)  # chunks held from an earlier run
@@ -134,11 +205,34 @@ class PartFile:
             while self._prefix in self.have:
                 self._prefix += 1
             self._hash_to(min(self._prefix * self.chunk, self.entry.size))  # early arrivals
-        self._unsynced += 1
-        if self._unsynced >= _SIDECAR_EVERY_CHUNKS or (
-            time.monotonic() - self._synced_at >= _SIDECAR_EVERY_S
-        ):
-            self._want_sync()
+
+    def suspects(self) -> list[int]:
+        """Held chunks that fail the chunk_sha256 their reply claimed, or that were written
+        without one (the HTTPS path); read back from the file."""
+        bad = []
+        for index in sorted(self.have):
+            claim = self.claims.get(index)
+            data = os.pread(self.fd, self.length(index), index * self.chunk)
+            if claim is None or hashlib.sha256(data).hexdigest() != claim:
+                bad.append(index)
+        return bad
+
+    def drop(self, indices: Sequence[int]) -> None:
+        """Forget chunks (to fetch them again); the whole-file hash starts over, read back
+        from the file as the prefix of held chunks grows again."""
+        try:
+            os.write(self._log_fd, "".join(f"{i} !\n" for i in indices).encode())
+        except OSError as exc:
+            raise OtaError(f"transfer: cannot write {self.log_path}: {exc}") from exc
+        for index in indices:
+            if index in self.have:
+                self.have.discard(index)
+                self.held -= self.length(index)
+            self.claims.pop(index, None)
+        self._hash = hashlib.sha256()
+        self._hashed = self._prefix = 0
+        while self._prefix in self.have:
+            self._prefix += 1
 
     def _hash_to(self, limit: int) -> None:
         """Feed the file's bytes [_hashed, limit) to the whole-file hash, read back."""
@@ -146,66 +240,23 @@ class PartFile:
             block = os.pread(self.fd, min(1 << 20, limit - self._hashed), self._hashed)
             if not block:
                 # Cut behind our back: the next attempt sees the wrong size and starts over.
-                raise OtaError(f"transfer: {self.part.name} is shorter than its sidecar says")
+                raise OtaError(f"transfer: {self.part.name} is shorter than its log says")
             self._hash.update(block)
             self._hashed += len(block)
 
-    def _want_sync(self) -> None:
-        """Hand the syncer the chunks written so far, unless it is still busy with the last
-        set (then the next write asks again)."""
-        if self._sync_error is not None:
-            raise OtaError(f"transfer: cannot write {self.part}: {self._sync_error}")
-        if self._sync_wanted.is_set() or self._syncing:
-            return
-        snapshot = sorted(self.have)  # every chunk in it is already written
-        with self._sync_lock:
-            self._sync_snapshot = snapshot
-        self._unsynced = 0
-        self._synced_at = time.monotonic()
-        self._sync_wanted.set()
-
-    def _sync_loop(self) -> None:
-        while True:
-            self._sync_wanted.wait()
-            self._sync_wanted.clear()
-            with self._sync_lock:
-                snapshot, self._sync_snapshot = self._sync_snapshot, None
-            if snapshot is not None and self._sync_error is None:
-                self._syncing = True
-                self._sync(snapshot)
-                self._syncing = False
-            if self._closing:
-                return
-
-    def _sync(self, have: list[int]) -> None:
-        """Data first, then the record of what is held: a crash never claims unwritten bytes."""
+    def close(self) -> None:
+        """fdatasync the file (what `_finish` renames must be on disk first) and close; a
+        failed sync is kept in `sync_error`, not raised (close runs on error paths too)."""
         try:
             os.fdatasync(self.fd)
-            atomic_write_json(
-                self.sidecar,
-                {
-                    "sha256": self.entry.sha256,
-                    "size": self.entry.size,
-                    "chunk": self.chunk,
-                    "have": have,
-                },
-            )
         except OSError as exc:
-            self._sync_error = exc
-
-    def close(self) -> None:
-        try:
-            self._closing = True
-            self._sync_wanted.set()
-            self._syncer.join()
-            if self._unsynced or self._sync_error is not None:
-                self._sync_error = None
-                self._sync(sorted(self.have))
+            self.sync_error = exc
         finally:
             os.close(self.fd)
+            os.close(self._log_fd)
 
     def digest(self) -> str:
-        """The whole file's sha256 (after close): what the prefix hash did not reach is read."""
+        """The whole file's sha256: what the prefix hash did not reach is read."""
         hasher = self._hash.copy()
         with self.part.open("rb") as fh:
             fh.seek(self._hashed)
@@ -215,7 +266,7 @@ class PartFile:
 
     def discard(self) -> None:
         self.part.unlink(missing_ok=True)
-        self.sidecar.unlink(missing_ok=True)
+        self.log_path.unlink(missing_ok=True)
 
 
 Progress = Callable[[int, int, int], None]  # (bytes held, total bytes, chunks this run)
@@ -258,10 +309,10 @@ class Downloader:
             if self.store.has_blob(entry.sha256, entry.size):
                 total += entry.size
                 continue
-            side = read_json(self.store.downloads / f"{entry.sha256}.part.json")
-            if isinstance(side, dict) and side.get("size") == entry.size:
-                chunk = int(side.get("chunk") or 1)
-                total += sum(min(chunk, entry.size - i * chunk) for i in side.get("have", []))
+            record = read_chunk_log(self.store.downloads / f"{entry.sha256}.part.log")
+            if record is not None and record[0] == entry.size:
+                chunk = record[1]
+                total += sum(min(chunk, entry.size - i * chunk) for i in record[2])
         return total
 
     def fetch(
@@ -318,6 +369,34 @@ class Downloader:
                 return
 
     def _fetch_file(
+        self, part: PartFile, report: Callable[[int], None], cancelled: Callable[[], bool]
+    ) -> None:
+        """Fetch the missing chunks; while the whole file fails its sha256, drop the chunks
+        that fail their own claimed hash and fetch those again. When every chunk matches
+        its claim and the file still does not, the controller's copy is wrong: `_finish`
+        refuses it."""
+        for _round in range(_VERIFY_ROUNDS):
+            self._fetch_missing(part, report, cancelled)
+            if part.digest() == part.entry.sha256:
+                return
+            bad = part.suspects()
+            if not bad:
+                return
+            log.warning(
+                "%s fails its sha256: %d chunk(s) fail their chunk_sha256 and are asked again",
+                part.entry.path,
+                len(bad),
+            )
+            self.stats.bad_chunks += len(bad)
+            self.stats.received -= sum(part.length(i) for i in bad if i in part.claims)
+            part.drop(bad)
+            report(part.held_bytes())
+        raise OtaError(
+            f"transfer: {part.entry.path} still fails its sha256 after {_VERIFY_ROUNDS} rounds "
+            "of fetching the chunks that failed their chunk_sha256"
+        )
+
+    def _fetch_missing(
         self, part: PartFile, report: Callable[[int], None], cancelled: Callable[[], bool]
     ) -> None:
         entry = part.entry
@@ -387,7 +466,7 @@ class Downloader:
         )
         corr = f"{part.entry.sha256[:16]}:{index}:{next(self._nonce):x}".encode()
         # Not through the outbox: a request lost to a disconnect or a restart is asked
-        # again (on reconnect, after request_timeout_s, or from the sidecar on start).
+        # again (on reconnect, after request_timeout_s, or from the chunk log on start).
         self.link.publish_volatile(self.request_topic, body, qos=0, correlation_data=corr)
 
     def _accept(self, part: PartFile, msg: InboundMessage) -> int | None:
@@ -426,19 +505,18 @@ class Downloader:
                 f"truncated: {entry.path} ends at {offset + len(data)} bytes on the "
                 f"controller, the manifest says {entry.size}"
             )
-        if len(data) > part.length(index):
+        claim = props.get("chunk_sha256")
+        if len(data) > part.length(index) or not claim:
             self.stats.bad_chunks += 1
             return None
-        if hashlib.sha256(data).hexdigest() != props.get("chunk_sha256"):
-            self.stats.bad_chunks += 1
-            log.warning("chunk %d of %s fails its chunk_sha256: asked again", index, entry.path)
-            return None
-        part.write(index, data)
+        part.write(index, data, claim)  # the claim is checked only if the file fails
         self.stats.received += len(data)
         return index
 
     def _finish(self, part: PartFile) -> None:
         entry = part.entry
+        if part.sync_error is not None:
+            raise OtaError(f"transfer: cannot write {part.part}: {part.sync_error}")
         digest = part.digest()
         if digest != entry.sha256:
             part.discard()
@@ -448,4 +526,4 @@ class Downloader:
             )
         os.replace(part.part, self.store.blob_path(entry.sha256))
         fsync_dir(self.store.blobs)
-        part.sidecar.unlink(missing_ok=True)
+        part.log_path.unlink(missing_ok=True)
