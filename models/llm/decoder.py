@@ -263,16 +263,18 @@ class GenaiBatch(DecoderBatch):
             self._bind_step_logits(io, self.rows)
             self._bind_cache(io, 0, self.rows)
             self._ids = np.zeros((self.rows, 1), dtype=np.int64)
-            self._lens = np.asarray(self.lengths, dtype=np.int64)
-            self._mask = (np.arange(self.row_len)[None, :] < self._lens[:, None]).astype(np.int64)
-            self._row_index = np.arange(self.rows)
+            lens = np.asarray(self.lengths, dtype=np.int64)
+            self._mask = (np.arange(self.row_len)[None, :] < lens[:, None]).astype(np.int64)
             io.bind_ortvalue_input("input_ids", self._ortvalue(self._ids))
             io.bind_ortvalue_input("attention_mask", self._ortvalue(self._mask))
-        self._ids[:, 0] = tokens
-        self._mask[self._row_index, self._lens] = 1
+        # Scalar stores in a loop: for the 1-8 rows of a batch they beat numpy's fancy
+        # indexing and in-place ufuncs (~0.3 against ~3 us a step for one row).
+        ids, mask, lengths = self._ids, self._mask, self.lengths
+        for i, (token, n) in enumerate(zip(tokens, lengths)):
+            ids[i, 0] = token
+            mask[i, n] = 1
         logits = self._run_step(io)
-        self._lens += 1
-        self.lengths = self._lens.tolist()
+        self.lengths = [n + 1 for n in lengths]
         return logits
 
     def remove(self, keep: list[int], row_tokens: int) -> None:

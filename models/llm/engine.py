@@ -66,6 +66,8 @@ class Handle:
     admitted_at: float | None = None
     sampler: Sampler | None = None
     stream: StreamDecoder | None = None
+    greedy: bool = False  # the sampler is a plain argmax: the engine's batched one will do
+    stop_ids: frozenset[int] = frozenset()  # tokens that end the request
 
     def cancel(self) -> None:
         self.cancelled = True
@@ -249,7 +251,7 @@ class Engine:
         if not self._inbox.empty():
             self._waiting.extend(self._drain_inbox())
         now = time.monotonic()
-        for h in list(self._waiting):
+        for h in list(self._waiting) if self._waiting else ():
             reason = self._expired(h, now)
             if reason is None and now - h.submitted > self.options.max_wait_s:
                 self._waiting.remove(h)
@@ -268,7 +270,11 @@ class Engine:
             elif reason is not None:
                 self._waiting.remove(h)
                 self._finish(h, reason)
-        gone = [i for i, h in enumerate(self._running) if self._expired(h, now)]
+        gone = [
+            i
+            for i, h in enumerate(self._running)
+            if h.cancelled or (h.deadline is not None and now > h.deadline)
+        ]
         if gone:
             for i in gone:
                 self._finish(self._running[i], self._expired(self._running[i], now) or "cancelled")
@@ -313,6 +319,10 @@ class Engine:
             self._waiting.popleft()
             h.admitted_at = time.monotonic()
             h.sampler = Sampler(h.params)
+            h.greedy = h.sampler.plain_greedy
+            h.stop_ids = frozenset(h.params.stop_token_ids) | (
+                frozenset() if h.params.ignore_eos else self.tokenizer.eos_ids
+            )
             h.stream = StreamDecoder(self.tokenizer, h.params.stop)
             try:
                 logits = self.batch.add(h.prompt_ids, self.budget.row_tokens)
@@ -328,26 +338,26 @@ class Engine:
     def _take(self, h: Handle, logits: np.ndarray, argmax: int | None = None) -> bool:
         """Sample the next token of `h`, stream it; True when `h` is finished."""
         assert h.sampler is not None and h.stream is not None
-        if argmax is not None and h.sampler.plain_greedy:
+        if argmax is not None and h.greedy:
             token = argmax
         else:
             seen = [*h.prompt_ids, *h.generated] if h.params.repetition_penalty != 1.0 else []
             token = h.sampler(logits, seen)
         if h.first_token_at is None:
             h.first_token_at = time.monotonic()
-        p = h.params
-        if token in p.stop_token_ids or (not p.ignore_eos and token in self.tokenizer.eos_ids):
+        if token in h.stop_ids:
             self._finish(h, "stop")
             return True
         h.generated.append(token)
         self.tokens_out += 1
-        piece = h.stream.push(token)
-        if piece or not h.stream.stopped:
+        stream = h.stream
+        piece = stream.push(token)
+        if piece or not stream.stopped:
             self._emit(h, {"type": "chunk", "text": piece, "token_ids": [token]})
-        if h.stream.stopped:
+        if stream.stopped:
             self._finish(h, "stop")
             return True
-        if len(h.generated) >= p.max_tokens:
+        if len(h.generated) >= h.params.max_tokens:
             self._finish(h, "length")
             return True
         return False

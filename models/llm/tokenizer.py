@@ -155,6 +155,10 @@ class StreamDecoder:
         if new is None:
             return ""
         self._raw += new
+        if not self._stops:  # nothing to hold back: all of it is safe to send
+            self.text = self._raw
+            self.sent = len(self._raw)
+            return new
         text = self.text = self._raw
         for stop in self._stops:
             at = text.find(stop, max(0, self.sent - len(stop)))
