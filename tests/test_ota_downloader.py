@@ -198,6 +198,7 @@ def test_damaged_chunk_from_an_earlier_run_is_found_and_fetched_again(tmp_path: 
     asked = [o // CHUNK for o, _ in ctl2.requests]
     assert sorted(asked) == sorted([*(set(range(20)) - set(have)), have[1]])
     assert asked[-1] == have[1] and dl2.stats.bad_chunks == 1
+    assert dl2.stats.received == (20 - len(have) + 1) * CHUNK  # this run's, the refetch too
     assert not list((tmp_path / "models/downloads").iterdir())
 
 

@@ -129,7 +129,8 @@ class PartFile:
         self.entry = entry
         self.part = store.downloads / f"{entry.sha256}.part"
         self.log_path = store.downloads / f"{entry.sha256}.part.log"
-        store.downloads.joinpath(f"{entry.sha256}.part.json").unlink(missing_ok=True)  # < 0.3
+        # agents before the chunk log kept a JSON sidecar: its .part starts over
+        store.downloads.joinpath(f"{entry.sha256}.part.json").unlink(missing_ok=True)
         record = read_chunk_log(self.log_path) if self.part.is_file() else None
         self.chunk = chunk
         held: dict[int, str | None] = {}
@@ -140,6 +141,7 @@ class PartFile:
         self.have = set(held)
         # chunk index -> the chunk_sha256 its reply claimed (None: written without one)
         self.claims: dict[int, str | None] = held
+        self.fresh: set[int] = set()  # chunks written by this run
         self.held = sum(self.length(i) for i in self.have)
         self.sync_error: OSError | None = None
         try:
@@ -175,10 +177,11 @@ class PartFile:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o644)
         try:
             os.write(fd, f"edge-agent part v1 {self.entry.size} {self.chunk}\n".encode())
+            os.replace(tmp, self.log_path)
         except BaseException:
             os.close(fd)
+            tmp.unlink(missing_ok=True)
             raise
-        os.replace(tmp, self.log_path)
         self._log_fd = fd
 
     def length(self, index: int) -> int:
@@ -195,6 +198,7 @@ class PartFile:
         except OSError as exc:  # ENOSPC, EIO: kept what is recorded, the rest comes again
             raise OtaError(f"transfer: cannot write {self.part}: {exc}") from exc
         self.have.add(index)
+        self.fresh.add(index)
         self.claims[index] = claim
         self.held += len(data)
         if index == self._prefix:
@@ -229,6 +233,7 @@ class PartFile:
                 self.have.discard(index)
                 self.held -= self.length(index)
             self.claims.pop(index, None)
+            self.fresh.discard(index)
         self._hash = hashlib.sha256()
         self._hashed = self._prefix = 0
         while self._prefix in self.have:
@@ -388,7 +393,7 @@ class Downloader:
                 len(bad),
             )
             self.stats.bad_chunks += len(bad)
-            self.stats.received -= sum(part.length(i) for i in bad if i in part.claims)
+            self.stats.received -= sum(part.length(i) for i in bad if i in part.fresh)
             part.drop(bad)
             report(part.held_bytes())
         raise OtaError(
