@@ -6,43 +6,24 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from models.zoo import SAMPLES_DIR
+from tests.agent_proc import EDGE_AGENT, agent_process, demo_pipeline
+from tests.agent_proc import agent_toml as proc_toml
 from tests.mqtt_broker import Broker, Observer
 
-EDGE_AGENT = Path(sys.executable).parent / "edge-agent"
 DEVICE = "cam-e2e"
 
 
 def agent_toml(broker: Broker, state: Path, conf: float = 0.00001) -> str:
-    return f"""
-[device]
-id = "{DEVICE}"
-state_dir = "{state}"
-
-[mqtt]
-host = "{broker.host}"
-port = {broker.port}
-reconnect_min_s = 0.2
-reconnect_max_s = 1.0
-
-[telemetry]
-interval_s = 1.0
-
-[[pipelines]]
-name = "door"
-source = "{SAMPLES_DIR / "demo.mp4"}"
-model = "yolox-nano-tflite-int8"
-conf = {conf}
-event_mode = "rate"
-rate_s = 0.3
-"""
+    pipeline = demo_pipeline(
+        "yolox-nano-tflite-int8", f'conf = {conf}\nevent_mode = "rate"\nrate_s = 0.3\n'
+    )
+    return proc_toml(broker, DEVICE, state, pipeline)
 
 
 @pytest.fixture
@@ -52,20 +33,8 @@ def running(
     config = tmp_path / "agent.toml"
     config.write_text(agent_toml(broker, tmp_path / "state"))
     watcher = observers(broker, [f"edge/{DEVICE}/#"])
-    proc = subprocess.Popen(
-        [str(EDGE_AGENT), "run", "--config", str(config)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    try:
+    with agent_process(config) as proc:
         yield proc, watcher, config
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait(10)
-        if proc.stdout:
-            proc.stdout.close()
 
 
 def command(

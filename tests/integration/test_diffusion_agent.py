@@ -9,7 +9,6 @@ import hashlib
 import json
 import signal
 import subprocess
-import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -18,36 +17,21 @@ import cv2
 import numpy as np
 import pytest
 
-from models.zoo import BUNDLED_DIR, SAMPLES_DIR
+from models.zoo import BUNDLED_DIR
+from tests.agent_proc import agent_process, demo_pipeline
+from tests.agent_proc import agent_toml as proc_toml
 from tests.mqtt_broker import Broker, Observer
 
-EDGE_AGENT = Path(sys.executable).parent / "edge-agent"
 DEVICE = "diffuser-1"
 
 PIPELINE = BUNDLED_DIR / "tiny-sd"
 
 
 def agent_toml(broker: Broker, state: Path) -> str:
-    return f"""
-[device]
-id = "{DEVICE}"
-state_dir = "{state}"
-
-[mqtt]
-host = "{broker.host}"
-port = {broker.port}
-reconnect_min_s = 0.2
-reconnect_max_s = 1.0
-
-[telemetry]
-interval_s = 1.0
-
-[[pipelines]]
-name = "door"
-source = "{SAMPLES_DIR / "demo.mp4"}"
-model = "yolox-nano-onnx-fp32"
-runtime = {{ type = "onnx", threads = 1 }}
-
+    pipeline = demo_pipeline("yolox-nano-onnx-fp32", 'runtime = { type = "onnx", threads = 1 }\n')
+    return (
+        proc_toml(broker, DEVICE, state, pipeline)
+        + f"""
 [diffusion]
 model = "{PIPELINE}"
 threads = 1
@@ -58,6 +42,7 @@ max_size = 128
 chunk_bytes = 2048
 progress_every = 2
 """
+    )
 
 
 @pytest.fixture
@@ -67,20 +52,8 @@ def agent(
     config = tmp_path / "agent.toml"
     config.write_text(agent_toml(broker, tmp_path / "state"))
     watcher = observers(broker, [f"edge/{DEVICE}/#"])
-    proc = subprocess.Popen(
-        [str(EDGE_AGENT), "run", "--config", str(config)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    try:
+    with agent_process(config) as proc:
         yield proc, watcher
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait(10)
-        if proc.stdout:
-            proc.stdout.close()
 
 
 def ask(watcher: Observer, args: dict[str, Any] | bytes, corr: bytes) -> str:

@@ -16,7 +16,8 @@ import pytest
 from fleet.home import FleetHome
 from models.desired import package_id, verify_desired
 from models.signing import load_trusted_keys
-from models.zoo import SAMPLES_DIR
+from tests.agent_proc import agent_toml as proc_toml
+from tests.agent_proc import demo_pipeline
 from tests.fleet_sim import tiny_package
 from tests.mqtt_broker import Broker, Observer
 from tests.ota_support import fleet_home
@@ -26,25 +27,7 @@ DEVICE = "cam-fleet"
 
 
 def _toml(broker: Broker, state: Path) -> str:
-    return f"""
-[device]
-id = "{DEVICE}"
-state_dir = "{state}"
-
-[mqtt]
-host = "{broker.host}"
-port = {broker.port}
-reconnect_min_s = 0.2
-reconnect_max_s = 1.0
-
-[telemetry]
-interval_s = 1.0
-
-[[pipelines]]
-name = "door"
-source = "{SAMPLES_DIR / "demo.mp4"}"
-model = "yolox-nano-tflite-int8"
-"""
+    return proc_toml(broker, DEVICE, state, demo_pipeline("yolox-nano-tflite-int8"))
 
 
 @pytest.fixture

@@ -7,47 +7,30 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
-import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from models.zoo import SAMPLES_DIR
+from tests.agent_proc import EDGE_AGENT, agent_process, demo_pipeline
+from tests.agent_proc import agent_toml as proc_toml
 from tests.mqtt_broker import Broker, Observer, Received
 
-EDGE_AGENT = Path(sys.executable).parent / "edge-agent"
 DEVICE = "llm-e2e"
 
 
 def agent_toml(broker: Broker, state: Path) -> str:
-    return f"""
-[device]
-id = "{DEVICE}"
-state_dir = "{state}"
-
-[mqtt]
-host = "{broker.host}"
-port = {broker.port}
-reconnect_min_s = 0.2
-reconnect_max_s = 1.0
-
-[telemetry]
-interval_s = 1.0
-
-[[pipelines]]
-name = "door"
-source = "{SAMPLES_DIR / "demo.mp4"}"
-model = "yolox-nano-onnx-int8"
-event_mode = "rate"
-rate_s = 0.5
-
+    pipeline = demo_pipeline("yolox-nano-onnx-int8", 'event_mode = "rate"\nrate_s = 0.5\n')
+    return (
+        proc_toml(broker, DEVICE, state, pipeline)
+        + """
 [llm]
 model = "tiny-llama-onnx-int8"
 max_batch = 4
 cache_mb = 4.0
 max_tokens_limit = 200
 """
+    )
 
 
 @pytest.fixture
@@ -57,21 +40,9 @@ def agent(
     config = tmp_path / "agent.toml"
     config.write_text(agent_toml(broker, tmp_path / "state"))
     watcher = observers(broker, [f"edge/{DEVICE}/#"])
-    proc = subprocess.Popen(
-        [str(EDGE_AGENT), "run", "--config", str(config)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    try:
+    with agent_process(config) as proc:
         watcher.next(lambda m: m.topic.endswith("/status") and b"online" in m.payload, 60)
         yield proc, watcher
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait(10)
-        if proc.stdout:
-            proc.stdout.close()
 
 
 def send(watcher: Observer, name: str, payload: str | bytes, corr: str) -> str:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import json
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -16,39 +15,23 @@ from pathlib import Path
 import pytest
 
 from agent.serial_lines import with_checksum
-from models.zoo import SAMPLES_DIR
+from tests.agent_proc import agent_process, demo_pipeline
+from tests.agent_proc import agent_toml as proc_toml
 from tests.mqtt_broker import Broker, Observer, Received
 from tests.test_serial_io import Pty
 
-EDGE_AGENT = Path(sys.executable).parent / "edge-agent"
 DEVICE = "cam-serial"
 GGA = with_checksum("GPGGA,123519.00,4807.038,N,01131.000,E,1,08,0.9,545.4,M,46.9,M,,")
 LAT, LON = 48 + 7.038 / 60, 11 + 31.0 / 60
 
 
 def agent_toml(broker: Broker, state: Path, sink: str, gps: str) -> str:
-    return f"""
-[device]
-id = "{DEVICE}"
-state_dir = "{state}"
-
-[mqtt]
-host = "{broker.host}"
-port = {broker.port}
-reconnect_min_s = 0.2
-reconnect_max_s = 1.0
-
-[telemetry]
-interval_s = 1.0
-
-[[pipelines]]
-name = "door"
-source = "{SAMPLES_DIR / "demo.mp4"}"
-model = "yolox-nano-tflite-int8"
-conf = 0.00001
-event_mode = "rate"
-rate_s = 0.3
-
+    pipeline = demo_pipeline(
+        "yolox-nano-tflite-int8", 'conf = 0.00001\nevent_mode = "rate"\nrate_s = 0.3\n'
+    )
+    return (
+        proc_toml(broker, DEVICE, state, pipeline)
+        + f"""
 [serial]
 max_age_s = 5.0
 
@@ -63,6 +46,7 @@ name = "gps"
 port = "{gps}"
 kinds = ["nmea"]
 """
+    )
 
 
 class GpsFeeder:
@@ -94,24 +78,10 @@ def agent_with_serial(
     config = tmp_path / "agent.toml"
     config.write_text(agent_toml(broker, tmp_path / "state", sink.name, gps.name))
     watcher = observers(broker, [f"edge/{DEVICE}/events/#", f"edge/{DEVICE}/telemetry"])
-    proc = subprocess.Popen(
-        [str(EDGE_AGENT), "run", "--config", str(config)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
     try:
-        yield proc, watcher, sink
+        with agent_process(config, graceful=True) as proc:
+            yield proc, watcher, sink
     finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
-        if proc.stdout:
-            proc.stdout.close()
         feeder.close()
         sink.close()
         gps.close()
