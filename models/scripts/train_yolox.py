@@ -5,6 +5,7 @@ IoU/obj/cls, L1 in the last phase) from pixeltable-yolox's head, mosaic + affine
 HSV and flip, EMA weights, warm-up + cosine LR. Letterbox identical to inference.
 
     .venv/bin/python -m models.scripts.train_yolox --steps 3000        # train (or --resume)
+    .venv/bin/python -m models.scripts.train_yolox --init runs/a/last.pt --out runs/b  # more
     .venv/bin/python -m models.scripts.train_yolox --bench 20          # s/step per size
 
 Checkpoints in `runs/yolox_nano/`: `last.pt` (everything, for `--resume`) and `best.pt`
@@ -385,6 +386,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+    p.add_argument(
+        "--init",
+        type=Path,
+        help="start from the weights (raw and EMA) of another run's last.pt, with a fresh "
+        "optimizer and LR schedule (a warm restart for more steps)",
+    )
     p.add_argument("--bench", type=int, default=0, help="time N steps per size and exit")
     return p.parse_args(argv)
 
@@ -494,6 +501,12 @@ def main(argv: list[str] | None = None) -> int:
         log(f"resumed from {last_path} at step {step} (best mAP@.5 {best:.4f})")
     else:
         log(f"args: {vars(args)}")
+        if args.init is not None:
+            ckpt = torch.load(args.init, map_location="cpu", weights_only=False)
+            model.load_state_dict(ckpt["raw_model"])
+            ema.ema.load_state_dict(ckpt["model"])
+            ema.updates = ckpt["ema_updates"]  # the EMA keeps its full decay
+            log(f"weights from {args.init} (its step {ckpt['step']}); new schedule")
 
     def checkpoint() -> None:
         atomic_save(
