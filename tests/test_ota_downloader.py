@@ -86,6 +86,16 @@ def held_in_log(part: Path) -> list[int]:
     return sorted(record[2])
 
 
+def fetch_part_way(tmp_path: Path, data: bytes, reports: int) -> tuple[FileEntry, Path]:
+    """Start fetching `data` and cancel after `reports` progress reports; the entry and
+    the `.part` file left behind."""
+    _ctl, dl, entry = setup(tmp_path, data)
+    seen: list[int] = []
+    with pytest.raises(Cancelled):
+        dl.fetch([entry], lambda held, _t, _n: seen.append(held), lambda: len(seen) > reports)
+    return entry, tmp_path / "models/downloads" / f"{entry.sha256}.part"
+
+
 def test_fetches_checks_and_resumes(tmp_path: Path) -> None:
     data = os.urandom(25 * CHUNK + 100)
     _ctl, dl, entry = setup(tmp_path, data)
@@ -166,11 +176,7 @@ def test_truncated_and_tampered_files_are_refused(tmp_path: Path) -> None:
 
 def test_part_file_cut_behind_our_back_is_fetched_again(tmp_path: Path) -> None:
     data = os.urandom(20 * CHUNK)
-    _ctl, dl, entry = setup(tmp_path, data)
-    seen: list[int] = []
-    with pytest.raises(Cancelled):
-        dl.fetch([entry], lambda held, _t, _n: seen.append(held), lambda: len(seen) > 10)
-    part = tmp_path / "models/downloads" / f"{entry.sha256}.part"
+    entry, part = fetch_part_way(tmp_path, data, 10)
     assert len(held_in_log(part)) >= 4
     os.truncate(part, CHUNK)  # the log now names chunks the file does not hold
     ctl2, dl2, _ = setup(tmp_path, data)
@@ -181,11 +187,7 @@ def test_part_file_cut_behind_our_back_is_fetched_again(tmp_path: Path) -> None:
 
 def test_damaged_chunk_from_an_earlier_run_is_found_and_fetched_again(tmp_path: Path) -> None:
     data = os.urandom(20 * CHUNK)
-    _ctl, dl, entry = setup(tmp_path, data)
-    seen: list[int] = []
-    with pytest.raises(Cancelled):
-        dl.fetch([entry], lambda held, _t, _n: seen.append(held), lambda: len(seen) > 10)
-    part = tmp_path / "models/downloads" / f"{entry.sha256}.part"
+    entry, part = fetch_part_way(tmp_path, data, 10)
     have = held_in_log(part)
     assert len(have) >= 4
     with part.open("r+b") as fh:  # a chunk the log names lost its bytes (a power cut)
@@ -204,15 +206,12 @@ def test_damaged_chunk_from_an_earlier_run_is_found_and_fetched_again(tmp_path: 
 
 def test_torn_or_garbled_log_records_are_skipped(tmp_path: Path) -> None:
     data = os.urandom(10 * CHUNK)
-    _ctl, dl, entry = setup(tmp_path, data)
-    seen: list[int] = []
-    with pytest.raises(Cancelled):
-        dl.fetch([entry], lambda held, _t, _n: seen.append(held), lambda: len(seen) > 5)
-    log = tmp_path / "models/downloads" / f"{entry.sha256}.part.log"
-    have = held_in_log(log.with_suffix(""))
+    entry, part = fetch_part_way(tmp_path, data, 5)
+    log = part.with_name(part.name + ".log")
+    have = held_in_log(part)
     with log.open("ab") as fh:  # a zero-filled tail, a foreign line, a torn record
         fh.write(b"\0" * 40 + b"\n99 " + b"a" * 64 + b"\nnot a record\n9 abc")
-    assert held_in_log(log.with_suffix("")) == have
+    assert held_in_log(part) == have
     ctl2, dl2, _ = setup(tmp_path, data)
     dl2.fetch([entry], lambda *_a: None, lambda: False)
     assert (tmp_path / "models/blobs" / entry.sha256).read_bytes() == data

@@ -251,7 +251,7 @@ class Engine:
         if not self._inbox.empty():
             self._waiting.extend(self._drain_inbox())
         now = time.monotonic()
-        for h in list(self._waiting) if self._waiting else ():
+        for h in list(self._waiting):
             reason = self._expired(h, now)
             if reason is None and now - h.submitted > self.options.max_wait_s:
                 self._waiting.remove(h)
@@ -270,11 +270,7 @@ class Engine:
             elif reason is not None:
                 self._waiting.remove(h)
                 self._finish(h, reason)
-        gone = [
-            i
-            for i, h in enumerate(self._running)
-            if h.cancelled or (h.deadline is not None and now > h.deadline)
-        ]
+        gone = [i for i, h in enumerate(self._running) if self._expired(h, now)]
         if gone:
             for i in gone:
                 self._finish(self._running[i], self._expired(self._running[i], now) or "cancelled")
