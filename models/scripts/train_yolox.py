@@ -37,6 +37,7 @@ if __package__ in (None, ""):  # run as a file: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from models.scripts.yolox_arch import build_nano
+from models.scripts.yolox_import import state_from_onnx
 from models.yolox.postprocess import postprocess
 from models.yolox.preprocess import PAD_VALUE, Letterbox
 
@@ -389,8 +390,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--init",
         type=Path,
-        help="start from the weights (raw and EMA) of another run's last.pt, with a fresh "
-        "optimizer and LR schedule (a warm restart for more steps)",
+        help="start from the weights (raw and EMA) of another run's last.pt, or of an fp32 "
+        "ONNX file or package folder that build_yolox exported (BatchNorms re-split from "
+        "64 training images), with a fresh optimizer and LR schedule (a warm restart)",
     )
     p.add_argument("--bench", type=int, default=0, help="time N steps per size and exit")
     return p.parse_args(argv)
@@ -461,6 +463,15 @@ def bench(args: argparse.Namespace, cache: ImageCache) -> None:
         )
 
 
+def onnx_init_path(path: Path) -> Path | None:
+    """The ONNX file `--init` names (a .onnx file or a package folder), or None for a .pt."""
+    if path.is_dir():
+        if not (path / "model.onnx").is_file():
+            raise SystemExit(f"--init {path}: a folder without model.onnx")
+        return path / "model.onnx"
+    return path if path.suffix == ".onnx" else None
+
+
 def new_model(args: argparse.Namespace) -> nn.Module:
     """YOLOX-Nano for 6 classes in channels-last layout (faster convs on CPU)."""
     model = build_nano(6).to(memory_format=torch.channels_last)  # type: ignore[call-overload, unused-ignore]
@@ -501,7 +512,16 @@ def main(argv: list[str] | None = None) -> int:
         log(f"resumed from {last_path} at step {step} (best mAP@.5 {best:.4f})")
     else:
         log(f"args: {vars(args)}")
-        if args.init is not None:
+        if args.init is not None and onnx_init_path(args.init) is not None:
+            onnx_path = onnx_init_path(args.init)
+            assert onnx_path is not None
+            images, _ = make_batch(cache, 64, EVAL_SIZE, True, args)
+            state = state_from_onnx(onnx_path, images.float(), 6)
+            model.load_state_dict(state)
+            ema.ema.load_state_dict(state)
+            ema.updates = int(10 * args.ema_ramp)  # the EMA keeps its full decay
+            log(f"weights from {onnx_path} (BatchNorms re-split); new schedule")
+        elif args.init is not None:
             ckpt = torch.load(args.init, map_location="cpu", weights_only=False)
             model.load_state_dict(ckpt["raw_model"])
             ema.ema.load_state_dict(ckpt["model"])
