@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from llm_tokens import PROMPTS, alternating, engine_aggregate, engine_single, genai_single
 
+from models.llm.engine import Engine
 from models.scripts.build_llm import build_genai
 from models.zoo import BUNDLED_DIR
 
@@ -81,16 +82,11 @@ def make_model(hidden: int, layers: int, precision: str, work: Path) -> tuple[Pa
     return out, sum(p.numel() for p in model.parameters())
 
 
-def cache_mb_for(directory: Path, tokens: int) -> float:
+def cache_mb_for(directory: Path, longest_prompt: int, tokens: int) -> float:
     """MB of KV cache (both arena halves) that 8 requests of the longest prompt need, x1.5."""
-    from models.llm.engine import Engine
-
     dec = json.loads((directory / "genai_config.json").read_text())["model"]["decoder"]
     per_token = 2 * dec["num_hidden_layers"] * dec["num_key_value_heads"] * dec["head_size"] * 4
-    probe = Engine(directory)
-    longest = max(len(probe.encode(p, None)) for p in PROMPTS)
-    probe.close()
-    return 1.5 * 2 * 8 * (longest + tokens + 16) * per_token / 2**20
+    return 1.5 * 2 * 8 * (longest_prompt + tokens + 16) * per_token / 2**20
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -118,10 +114,9 @@ def main(argv: list[str] | None = None) -> int:
         for hidden in (int(h) for h in args.hidden.split(",")):
             for precision in args.precision.split(","):
                 directory, params = make_model(hidden, args.layers, precision, Path(tmp))
-                from models.llm.engine import Engine
-
                 probe = Engine(directory)
                 ids = probe.encode(PROMPTS[0], None)
+                longest = max(len(probe.encode(p, None)) for p in PROMPTS)
                 probe.close()
                 singles = alternating(
                     {
@@ -136,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 ours, theirs = singles["ours"], singles["genai"]
                 assert ours is not None
-                cache_mb = cache_mb_for(directory, args.tokens)
+                cache_mb = cache_mb_for(directory, longest, args.tokens)
                 batch = engine_aggregate(directory, args.tokens, args.threads, 0.0005, cache_mb)
                 vs = f"{ours['tokens_per_s'] / theirs['tokens_per_s']:9.2f}x" if theirs else "-"
                 print(
