@@ -76,8 +76,6 @@ def make_model(hidden: int, layers: int, precision: str, work: Path) -> tuple[Pa
         shutil.rmtree(fp32)
     else:
         build_genai(hf_dir, out, precision, quiet=True)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copyfile(HF / name, out / name)  # the engine's tokenizer
     shutil.rmtree(hf_dir)
     return out, sum(p.numel() for p in model.parameters())
 

@@ -512,9 +512,8 @@ def main(argv: list[str] | None = None) -> int:
         log(f"resumed from {last_path} at step {step} (best mAP@.5 {best:.4f})")
     else:
         log(f"args: {vars(args)}")
-        if args.init is not None and onnx_init_path(args.init) is not None:
-            onnx_path = onnx_init_path(args.init)
-            assert onnx_path is not None
+        onnx_path = onnx_init_path(args.init) if args.init is not None else None
+        if onnx_path is not None:
             images, _ = make_batch(cache, 64, EVAL_SIZE, True, args)
             state = state_from_onnx(onnx_path, images.float(), 6)
             model.load_state_dict(state)

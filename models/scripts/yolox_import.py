@@ -8,7 +8,7 @@ out again from statistics measured on real images: with mean m and variance v of
 output, gamma = sqrt(v + eps), beta = m + bias and running stats (m, v) make the train-mode
 layer close to the identity on that data and the eval-mode layer exactly the folded one.
 
-    state = state_from_onnx(Path("models/bundled/yolox-nano-onnx-fp32/model.onnx"), images)
+    state = state_from_onnx(Path("models/bundled/yolox-nano-onnx-fp32/model.onnx"), images, 6)
 """
 
 from __future__ import annotations
@@ -86,7 +86,7 @@ def state_from_onnx(path: Path, images: torch.Tensor, num_classes: int) -> dict[
         with torch.no_grad():
             conv.weight.copy_(torch.from_numpy(np.array(weight)))
             folded = torch.from_numpy(
-                np.array(bias if bias is not None else 0 * weight[:, 0, 0, 0])
+                np.array(bias) if bias is not None else np.zeros(weight.shape[0], weight.dtype)
             )
             if bn is None:
                 if conv.bias is None:
@@ -110,15 +110,15 @@ def _running_stats(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _resplit_batchnorms(model: nn.Module, images: torch.Tensor) -> None:
     """Move each BatchNorm's scale and shift to the statistics of its input on `images`."""
-    sums: dict[int, list[torch.Tensor]] = {}
+    sums: dict[int, tuple[torch.Tensor, torch.Tensor, int]] = {}  # sum, sum of squares, n
 
     def measure(module: nn.Module, inputs: tuple[torch.Tensor, ...], _out: Any) -> None:
         x = inputs[0].double()
-        acc = sums.setdefault(id(module), [torch.zeros(0), torch.zeros(0), torch.zeros(1)])
-        s, sq = x.sum(dim=(0, 2, 3)), (x * x).sum(dim=(0, 2, 3))
-        acc[0] = s if acc[0].numel() == 0 else acc[0] + s
-        acc[1] = sq if acc[1].numel() == 0 else acc[1] + sq
-        acc[2] += x.shape[0] * x.shape[2] * x.shape[3]
+        s, sq, n = x.sum(dim=(0, 2, 3)), (x * x).sum(dim=(0, 2, 3)), x.numel() // x.shape[1]
+        if id(module) in sums:
+            s0, sq0, n0 = sums[id(module)]
+            s, sq, n = s + s0, sq + sq0, n + n0
+        sums[id(module)] = (s, sq, n)
 
     bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
     hooks = [bn.register_forward_hook(measure) for bn in bns]
